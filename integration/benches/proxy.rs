@@ -1,0 +1,442 @@
+//! `make bench`: the proxy's cost, measured against calling the same upstream directly in the
+//! same run. Prints figures and ratios; asserts nothing (timings are noisy on shared machines).
+//!
+//! Sections:
+//! 1. A fake containerd in this process, the real `dockhand` binary in front of it: Version,
+//!    ContainerStatus and ListContainers(1,000) p50/p99, throughput with 16 concurrent callers,
+//!    and the proxy's RSS under that load.
+//! 2. CreateContainer (~10 KB, 20 mounts, 50 annotations) through the intercepted path (decision
+//!    plus byte edit) against the same bytes on a path the proxy passes through untouched, and the
+//!    decision plus edit alone, in process.
+//! 3. The real containerd (sandboxed by the harness): Version, ContainerStatus, ListContainers.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dockhand_integration::cri::{ContainerSpec, PodSpec};
+use dockhand_integration::fake::{Answer, FakeUpstream};
+use dockhand_integration::node::{Node, NodeOptions};
+use dockhand_integration::proxy::ProxyProcess;
+use dockhand_protos::codec::RawCodec;
+use dockhand_protos::cri;
+use hyper_util::rt::TokioIo;
+use prost::Message;
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+const VERSION: &str = "/runtime.v1.RuntimeService/Version";
+const STATUS: &str = "/runtime.v1.RuntimeService/ContainerStatus";
+const LIST: &str = "/runtime.v1.RuntimeService/ListContainers";
+const CREATE: &str = "/runtime.v1.RuntimeService/CreateContainer";
+/// The same message type on the older API version, which the proxy never intercepts.
+const CREATE_PASSTHROUGH: &str = "/runtime.v1alpha2.RuntimeService/CreateContainer";
+
+async fn channel(socket: &Path) -> Channel {
+    let path = socket.to_path_buf();
+    Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move { UnixStream::connect(path).await.map(TokioIo::new) }
+        }))
+        .await
+        .expect("connect")
+}
+
+#[derive(Clone)]
+struct Client(tonic::client::Grpc<Channel>);
+
+impl Client {
+    async fn new(socket: &Path) -> Client {
+        Client(
+            tonic::client::Grpc::new(channel(socket).await)
+                .max_decoding_message_size(16 << 20)
+                .max_encoding_message_size(16 << 20),
+        )
+    }
+
+    async fn call(&mut self, path: &'static str, message: &Bytes) -> Bytes {
+        self.0.ready().await.expect("ready");
+        self.0
+            .unary(
+                tonic::Request::new(message.clone()),
+                http::uri::PathAndQuery::from_static(path),
+                RawCodec,
+            )
+            .await
+            .unwrap_or_else(|s| panic!("{path}: {s:?}"))
+            .into_inner()
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index]
+}
+
+struct Latency {
+    p50: Duration,
+    p99: Duration,
+}
+
+async fn latency(client: &mut Client, path: &'static str, message: &Bytes, n: usize) -> Latency {
+    for _ in 0..n / 10 {
+        client.call(path, message).await;
+    }
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let started = Instant::now();
+        client.call(path, message).await;
+        samples.push(started.elapsed());
+    }
+    samples.sort();
+    Latency {
+        p50: percentile(&samples, 0.5),
+        p99: percentile(&samples, 0.99),
+    }
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+fn row(name: &str, direct: &Latency, proxy: &Latency) {
+    println!(
+        "{name:<34} {:>9.1} {:>9.1} | {:>9.1} {:>9.1} | {:>6.3} {:>8.1}",
+        us(direct.p50),
+        us(direct.p99),
+        us(proxy.p50),
+        us(proxy.p99),
+        us(proxy.p99) / us(direct.p99),
+        us(proxy.p99) - us(direct.p99),
+    );
+}
+
+fn header(title: &str) {
+    println!("\n== {title}");
+    println!(
+        "{:<34} {:>9} {:>9} | {:>9} {:>9} | {:>6} {:>8}",
+        "call", "direct50", "direct99", "proxy50", "proxy99", "p99 x", "added99"
+    );
+    println!("{:<34} {:>9} {:>9} | {:>9} {:>9} | {:>6} {:>8}", "", "µs", "µs", "µs", "µs", "", "µs");
+}
+
+async fn throughput(socket: &Path, path: &'static str, message: &Bytes, callers: usize, each: usize) -> f64 {
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..callers {
+        let mut client = Client::new(socket).await;
+        let message = message.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..each {
+                client.call(path, &message).await;
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    (callers * each) as f64 / started.elapsed().as_secs_f64()
+}
+
+fn rss_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+fn dockhand_bin() -> PathBuf {
+    std::env::var_os("DOCKHAND_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| dockhand_integration::fixtures::target_dir().join("release/dockhand"))
+}
+
+/// The real binary in front of the fake, outside any namespace games.
+struct BinaryProxy {
+    child: Child,
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl BinaryProxy {
+    async fn start(upstream: &Path) -> BinaryProxy {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("dockhand.sock");
+        let config = dir.path().join("dockhand.toml");
+        std::fs::write(&config, "").unwrap();
+        let child = Command::new(dockhand_bin())
+            .args(["--log-level", "warn", "proxy", "--config"])
+            .arg(&config)
+            .arg("--listen")
+            .arg(&socket)
+            .arg("--containerd")
+            .arg(upstream)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start dockhand (build it: cargo build --release --bins)");
+        while UnixStream::connect(&socket).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        BinaryProxy {
+            child,
+            socket,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for BinaryProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn container(i: usize) -> cri::Container {
+    let id = format!("{i:064x}");
+    cri::Container {
+        id: id.clone(),
+        pod_sandbox_id: format!("{:064x}", i / 3),
+        metadata: Some(cri::ContainerMetadata {
+            name: format!("container-{i}"),
+            attempt: 0,
+        }),
+        image: Some(cri::ImageSpec {
+            image: "sha256:".to_string() + &"ab".repeat(32),
+            ..Default::default()
+        }),
+        image_ref: "sha256:".to_string() + &"cd".repeat(32),
+        state: cri::ContainerState::ContainerRunning as i32,
+        created_at: 1_700_000_000_000_000_000 + i as i64,
+        labels: [
+            ("io.kubernetes.container.name", format!("container-{i}")),
+            ("io.kubernetes.pod.name", format!("pod-{}", i / 3)),
+            ("io.kubernetes.pod.namespace", "default".to_string()),
+            ("io.kubernetes.pod.uid", format!("{:08x}-0000-0000-0000-000000000000", i / 3)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect(),
+        annotations: [
+            ("io.kubernetes.container.hash", "1a2b3c4d".to_string()),
+            ("io.kubernetes.container.restartCount", "0".to_string()),
+            ("io.kubernetes.container.terminationMessagePath", "/dev/termination-log".to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect(),
+        ..Default::default()
+    }
+}
+
+/// A CreateContainerRequest as kubelet sends for a busy pod: 20 mounts, 50 annotations, ~10 KB.
+fn realistic_create() -> Bytes {
+    let mut mounts: Vec<cri::Mount> = (0..18)
+        .map(|i| cri::Mount {
+            container_path: format!("/var/run/secrets/volume-{i}"),
+            host_path: format!("/var/lib/kubelet/pods/0f6c0a47-5f4b-4a83-9c1f-1d9c2f0e{i:04}/volumes/kubernetes.io~projected/kube-api-access-{i}"),
+            readonly: true,
+            ..Default::default()
+        })
+        .collect();
+    mounts.push(cri::Mount {
+        container_path: "/rootfs".into(),
+        host_path: "/".into(),
+        readonly: true,
+        ..Default::default()
+    });
+    mounts.push(cri::Mount {
+        container_path: "/docker".into(),
+        host_path: "/var/lib/docker/containers".into(),
+        readonly: true,
+        ..Default::default()
+    });
+    let annotations = (0..50)
+        .map(|i| (format!("example.com/annotation-{i}"), format!("value-{i}-{}", "x".repeat(60))))
+        .collect();
+    cri::CreateContainerRequest {
+        pod_sandbox_id: "f".repeat(64),
+        config: Some(cri::ContainerConfig {
+            metadata: Some(cri::ContainerMetadata {
+                name: "node-exporter".into(),
+                attempt: 0,
+            }),
+            image: Some(cri::ImageSpec {
+                image: "quay.io/prometheus/node-exporter:v1.8.2".into(),
+                ..Default::default()
+            }),
+            args: vec!["--path.rootfs=/rootfs".into()],
+            mounts,
+            annotations,
+            log_path: "node-exporter/0.log".into(),
+            ..Default::default()
+        }),
+        sandbox_config: Some(cri::PodSandboxConfig {
+            metadata: Some(cri::PodSandboxMetadata {
+                name: "node-exporter-abcde".into(),
+                namespace: "monitoring".into(),
+                uid: "0f6c0a47-5f4b-4a83-9c1f-1d9c2f0e0000".into(),
+                attempt: 0,
+            }),
+            log_directory: "/var/log/pods/monitoring_node-exporter-abcde_0f6c0a47".into(),
+            ..Default::default()
+        }),
+    }
+    .encode_to_vec()
+    .into()
+}
+
+async fn fake_section() {
+    let status = cri::ContainerStatusResponse {
+        status: Some(cri::ContainerStatus {
+            id: "a".repeat(64),
+            metadata: container(1).metadata,
+            state: cri::ContainerState::ContainerRunning as i32,
+            labels: container(1).labels,
+            annotations: container(1).annotations,
+            log_path: "/var/log/pods/default_pod_uid/container-1/0.log".into(),
+            ..Default::default()
+        }),
+        info: Default::default(),
+    }
+    .encode_to_vec();
+    let list = cri::ListContainersResponse {
+        containers: (0..1000).map(container).collect(),
+    }
+    .encode_to_vec();
+    println!("ListContainers(1,000) response: {} bytes", list.len());
+    let (status, list) = (Bytes::from(status), Bytes::from(list));
+    let fake = FakeUpstream::start(move |path, _| match path {
+        STATUS => Answer::Message(status.clone()),
+        LIST => Answer::Message(list.clone()),
+        _ => Answer::Message(Bytes::from_static(b"\x0a\x050.1.0")),
+    })
+    .await;
+    let proxy = BinaryProxy::start(fake.socket()).await;
+    let mut direct = Client::new(fake.socket()).await;
+    let mut proxied = Client::new(&proxy.socket).await;
+
+    header("fake containerd (in process) vs dockhand in front of it");
+    let status_request = Bytes::from(
+        cri::ContainerStatusRequest {
+            container_id: "a".repeat(64),
+            verbose: false,
+        }
+        .encode_to_vec(),
+    );
+    let empty = Bytes::new();
+    for (name, path, message, n) in [
+        ("Version", VERSION, &empty, 5000),
+        ("ContainerStatus", STATUS, &status_request, 5000),
+        ("ListContainers(1,000)", LIST, &empty, 300),
+    ] {
+        let d = latency(&mut direct, path, message, n).await;
+        let p = latency(&mut proxied, path, message, n).await;
+        row(name, &d, &p);
+    }
+    let create = realistic_create();
+    println!("CreateContainer request: {} bytes", create.len());
+    let d = latency(&mut proxied, CREATE_PASSTHROUGH, &create, 3000).await;
+    let p = latency(&mut proxied, CREATE, &create, 3000).await;
+    println!("(both through dockhand: 'direct' = same bytes on a passthrough path, 'proxy' = intercepted, decided and edited)");
+    row("CreateContainer 20 mounts", &d, &p);
+
+    let d = throughput(fake.socket(), VERSION, &empty, 16, 2000).await;
+    let p = throughput(&proxy.socket, VERSION, &empty, 16, 2000).await;
+    println!(
+        "throughput, 16 callers, Version: direct {d:.0}/s, proxy {p:.0}/s, ratio {:.3}",
+        p / d
+    );
+    let d = throughput(fake.socket(), LIST, &empty, 16, 30).await;
+    let p = throughput(&proxy.socket, LIST, &empty, 16, 30).await;
+    println!(
+        "throughput, 16 callers, ListContainers(1,000): direct {d:.0}/s, proxy {p:.0}/s, ratio {:.3}",
+        p / d
+    );
+    let (rss, hwm) = rss_kib(proxy.child.id());
+    println!("proxy memory after the load: RSS {:.1} MiB, peak RSS {:.1} MiB", rss as f64 / 1024.0, hwm as f64 / 1024.0);
+}
+
+fn edit_section() {
+    use dockhand::config::PropagationConfig;
+    use dockhand::propagation::{decide, edits, Rule};
+    let create = realistic_create();
+    let request = cri::CreateContainerRequest::decode(create.clone()).unwrap();
+    let rule = Rule::new(&PropagationConfig::default());
+    let table_text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let n = 20_000;
+    let started = Instant::now();
+    for _ in 0..n {
+        let request = cri::CreateContainerRequest::decode(create.clone()).unwrap();
+        let decisions = decide(&rule, &request.config.as_ref().unwrap().mounts, || {
+            dockhand::mountinfo::MountTable::parse(&table_text)
+        });
+        let edited = dockhand_protos::wire::apply(&create, &edits(&decisions)).unwrap();
+        std::hint::black_box(edited);
+    }
+    let per = started.elapsed() / n;
+    let decisions = decide(&rule, &request.config.as_ref().unwrap().mounts, || {
+        dockhand::mountinfo::MountTable::parse(&table_text)
+    });
+    println!(
+        "\ndecode + decide + byte edit of a {}-byte CreateContainer ({} of 20 mounts matched), in process: {:.1} µs",
+        create.len(),
+        decisions.len(),
+        us(per)
+    );
+}
+
+async fn containerd_section() {
+    let node = match Node::start(NodeOptions::default()).await {
+        Ok(node) => node,
+        Err(e) => {
+            println!("\n== real containerd: could not start ({e:#}); section skipped");
+            return;
+        }
+    };
+    let proxy = ProxyProcess::start(&node, "").await.expect("proxy");
+    let cri = node.cri().await.expect("cri");
+    let pod = cri.run_pod(&PodSpec::new("bench")).await.expect("pod");
+    let id = cri
+        .run_container(&pod, &ContainerSpec::sleeper("sleeper"))
+        .await
+        .expect("container");
+    let mut direct = Client::new(node.containerd_socket()).await;
+    let mut proxied = Client::new(&proxy.socket()).await;
+    header("real containerd 1.6 (sandboxed) vs dockhand in front of it");
+    let status_request = Bytes::from(
+        cri::ContainerStatusRequest {
+            container_id: id,
+            verbose: false,
+        }
+        .encode_to_vec(),
+    );
+    let empty = Bytes::new();
+    for (name, path, message, n) in [
+        ("Version", VERSION, &empty, 2000),
+        ("ContainerStatus", STATUS, &status_request, 2000),
+        ("ListContainers", LIST, &empty, 2000),
+    ] {
+        let d = latency(&mut direct, path, message, n).await;
+        let p = latency(&mut proxied, path, message, n).await;
+        row(name, &d, &p);
+    }
+}
+
+fn main() {
+    // `cargo bench` passes --bench; nothing else is accepted.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        fake_section().await;
+        edit_section();
+        containerd_section().await;
+    });
+}

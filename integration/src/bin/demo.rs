@@ -1,0 +1,110 @@
+//! `make demo`: a sandboxed containerd with dockhand in front of it, doing its job on one node.
+//! Everything it starts is stopped and removed when it ends.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+
+use anyhow::{Context, Result};
+use dockhand_integration::cri::{ContainerSpec, Cri, PodSpec};
+use dockhand_integration::node::{Node, NodeOptions};
+use dockhand_integration::proxy::ProxyProcess;
+use dockhand_protos::cri;
+
+fn step(text: &str) {
+    println!("\n\x1b[1m== {text}\x1b[0m");
+}
+
+async fn sh(cri: &Cri, id: &str, script: &str) -> Result<String> {
+    let out = cri.exec_sync(id, &["sh", "-c", script], 20).await?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn http_get(port: u16, path: &str) -> Result<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    Ok(text)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    step("starting a sandboxed containerd (its own mount namespace, \"/\" rshared as on a systemd node)");
+    let node = Node::start(NodeOptions::default()).await?;
+    println!("containerd socket: {}", node.containerd_socket().display());
+
+    step("starting dockhand proxy in front of it");
+    let port = free_port()?;
+    let proxy = ProxyProcess::start(&node, &format!("metrics_address = \"127.0.0.1:{port}\"")).await?;
+    println!("kubelet would use --container-runtime-endpoint=unix://{}", proxy.socket().display());
+    let via_proxy = proxy.cri().await?;
+    let direct = node.cri().await?;
+
+    step("node-exporter style pods: hostPath / at /rootfs, mountPropagation None");
+    let mount = cri::Mount {
+        host_path: "/".into(),
+        container_path: "/rootfs".into(),
+        readonly: true,
+        propagation: cri::MountPropagation::PropagationPrivate as i32,
+        ..Default::default()
+    };
+    let mut spec = ContainerSpec::sleeper("node-exporter");
+    spec.mounts = vec![mount];
+    let pod_a = via_proxy.run_pod(&PodSpec::new("exporter-through-dockhand")).await?;
+    let through = via_proxy.run_container(&pod_a, &spec).await?;
+    let pod_b = direct.run_pod(&PodSpec::new("exporter-direct")).await?;
+    let plain = direct.run_container(&pod_b, &spec).await?;
+    let status = via_proxy.container_status(&through, false).await?.status.context("status")?;
+    println!(
+        "through dockhand, the container carries  dockhand.io/mount-propagation: {:?}",
+        status.annotations.get("dockhand.io/mount-propagation")
+    );
+
+    step("the host mounts a 50 MiB volume after both pods started");
+    let late = node.temp_dir().join("pv-volume");
+    std::fs::create_dir(&late)?;
+    let ok = node
+        .ns_command("mount")
+        .args(["-t", "tmpfs", "-o", "size=50m", "pv-volume"])
+        .arg(&late)
+        .status()?
+        .success();
+    anyhow::ensure!(ok, "mount failed");
+    let inside = format!("/rootfs{}", late.display());
+    println!("through dockhand:\n{}", sh(&via_proxy, &through, &format!("df -h {inside}")).await?);
+    println!("directly on containerd:\n{}", sh(&direct, &plain, &format!("df -h {inside}")).await?);
+    let _ = node.ns_command("umount").arg(&late).status();
+
+    step("dockhand audit propagation (what would break without dockhand)");
+    let bin = dockhand_integration::proxy::proxy_binary()?;
+    let out = Command::new(&bin)
+        .args(["audit", "propagation", "--config", "/nonexistent", "--socket"])
+        .arg(proxy.socket())
+        .output()?;
+    print!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+
+    step("what passed through (dockhand_cri_requests_total from /metrics)");
+    let metrics = http_get(port, "/metrics")?;
+    for line in metrics.lines().filter(|l| {
+        l.starts_with("dockhand_cri_requests_total") || l.starts_with("dockhand_propagation_rewrites_total")
+    }) {
+        println!("{line}");
+    }
+
+    step("the proxy's log");
+    for line in proxy.log().lines().rev().take(12).collect::<Vec<_>>().into_iter().rev() {
+        println!("{line}");
+    }
+
+    step("cleaning up: pods, containerd, mounts, temp files");
+    drop(via_proxy);
+    drop(proxy);
+    drop(node);
+    println!("done");
+    Ok(())
+}

@@ -1,0 +1,33 @@
+//! The integration harness: dockhand against a real containerd. A test starts a [`Node`] (a
+//! containerd of its own, in its own temp directory and mount namespace, with locally built
+//! images), optionally a [`ProxyProcess`] in front of it, and talks CRI like kubelet through
+//! [`Cri`]. Dropping a `Node` removes every pod, process, cgroup, mount and file it made.
+//!
+//! Layout:
+//! - `fixtures`: the pause binary and the image tarball, built from the repo and cached under
+//!   `<target>/dockhand-fixtures/`.
+//! - `images`: the OCI image layout of the busybox and pause test images.
+//! - `node`: [`Node`], the sandboxed containerd, and its [`NodeOptions`].
+//! - `proxy`: [`ProxyProcess`], the `dockhand proxy` binary run inside a node.
+//! - `cri`: [`Cri`], the kubelet-like client, with [`PodSpec`] and [`ContainerSpec`].
+//! - `logs`: reading CRI log files.
+//! - `fake`: a fake containerd that records request bytes, and the proxy run in-process.
+//! - `cleanup`: killing processes, removing cgroups and mounts (used by the drops).
+#![forbid(unsafe_code)]
+
+pub mod cleanup;
+pub mod cri;
+pub mod fake;
+pub mod fixtures;
+pub mod images;
+pub mod logs;
+pub mod node;
+pub mod proxy;
+
+pub use cri::{ContainerSpec, Cri, Pod, PodSpec};
+pub use dockhand_protos::cri as api;
+pub use fixtures::{fixtures, target_dir, workspace_dir, Fixtures};
+pub use images::{BUSYBOX_IMAGE, PAUSE_IMAGE};
+pub use logs::{read_log, read_messages, LogLine};
+pub use node::{Node, NodeInfo, NodeOptions, RootPropagation};
+pub use proxy::{proxy_binary, ProxyProcess};

@@ -1,0 +1,543 @@
+//! A sandboxed containerd: its own temp directory (root, state, sockets, config, pod logs), its
+//! own mount namespace, its own cgroup subtree, the test images imported. Dropping a [`Node`]
+//! removes every pod, process, cgroup, mount and file it made.
+
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use sha2::{Digest, Sha256};
+
+use crate::cleanup;
+use crate::cri::Cri;
+use crate::fixtures::fixtures;
+use crate::images::{hex, BUSYBOX_IMAGE, PAUSE_IMAGE};
+
+/// How long containerd gets to start serving CRI.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Propagation of "/" inside containerd's mount namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RootPropagation {
+    /// `mount --make-rshared /`: like a systemd host.
+    #[default]
+    Shared,
+    /// `mount --make-rprivate /`: like this machine's own "/".
+    Private,
+}
+
+/// How to start a [`Node`].
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    pub root_propagation: RootPropagation,
+    /// `runtime_type` of the default (`runc`) runtime.
+    pub runtime_type: String,
+    /// A shim binary used instead of the one `runtime_type` names, keeping the runc options.
+    /// containerd 1.6.20's CRI parses `runtime_path` but never passes it on (measured), so the
+    /// harness also links the binary as `containerd-shim-<name>-v2` into a directory that comes
+    /// first in containerd's `PATH`, which is where containerd looks for shims first.
+    pub runtime_path: Option<PathBuf>,
+    /// TOML appended to the generated containerd config (extra tables only).
+    pub extra_config: String,
+}
+
+impl Default for NodeOptions {
+    fn default() -> Self {
+        NodeOptions {
+            root_propagation: RootPropagation::Shared,
+            runtime_type: "io.containerd.runc.v2".into(),
+            runtime_path: None,
+            extra_config: String::new(),
+        }
+    }
+}
+
+/// What a client of a node needs to know to act like its kubelet. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    /// containerd's CRI socket.
+    pub containerd_socket: PathBuf,
+    /// The node's `/var/log/pods`.
+    pub logs_root: PathBuf,
+    /// Cgroup (cgroupfs path) under which all pods of this node live, e.g. `/dockhand-ab12/kubepods`.
+    pub cgroup_root: String,
+    /// The node's temp directory.
+    pub temp_dir: PathBuf,
+    pid: Arc<AtomicU32>,
+}
+
+impl NodeInfo {
+    /// containerd's current pid (0 while it is stopped).
+    pub fn pid(&self) -> u32 {
+        self.pid.load(Ordering::SeqCst)
+    }
+
+    /// A command that runs `program` inside containerd's mount namespace.
+    pub fn ns_command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut command = Command::new("nsenter");
+        command
+            .arg("-t")
+            .arg(self.pid().to_string())
+            .arg("-m")
+            .arg("--")
+            .arg(program);
+        command
+    }
+}
+
+/// A containerd started by the test, see the module documentation.
+pub struct Node {
+    options: NodeOptions,
+    info: NodeInfo,
+    /// `Some` until drop; removed last.
+    dir: Option<tempfile::TempDir>,
+    containerd: Option<Child>,
+    /// The first path component of [`NodeInfo::cgroup_root`].
+    cgroup_top: String,
+}
+
+impl Node {
+    /// Starts containerd, waits for CRI to answer and imports the test images.
+    pub async fn start(options: NodeOptions) -> Result<Node> {
+        let fixtures = fixtures()?;
+        // Under /tmp: unix socket paths must stay short.
+        let dir = tempfile::Builder::new().prefix("dockhand-").tempdir_in("/tmp")?;
+        let path = dir.path().to_path_buf();
+        for sub in ["root", "state", "pods", "cni/bin", "cni/conf", "runc", "opt", "shim-bin"] {
+            std::fs::create_dir_all(path.join(sub))?;
+        }
+        if let Some(shim) = &options.runtime_path {
+            let link = path.join("shim-bin").join(shim_binary_name(&options.runtime_type)?);
+            std::os::unix::fs::symlink(shim, &link)
+                .with_context(|| format!("link {} to {}", link.display(), shim.display()))?;
+        }
+        let unique = path.file_name().unwrap().to_string_lossy().into_owned();
+        let cgroup_top = unique.clone();
+        let info = NodeInfo {
+            containerd_socket: path.join("containerd.sock"),
+            logs_root: path.join("pods"),
+            cgroup_root: format!("/{cgroup_top}/kubepods"),
+            temp_dir: path.clone(),
+            pid: Arc::new(AtomicU32::new(0)),
+        };
+        std::fs::write(path.join("config.toml"), config(&path, &options))?;
+        let mut node = Node {
+            options,
+            info,
+            dir: Some(dir),
+            containerd: None,
+            cgroup_top,
+        };
+        node.start_containerd().await?;
+        node.import(&fixtures.images).await?;
+        Ok(node)
+    }
+
+    /// Starts containerd again after [`Node::stop_containerd`] (in a new mount namespace).
+    pub async fn start_containerd(&mut self) -> Result<()> {
+        if self.containerd.is_some() {
+            bail!("containerd is already running");
+        }
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())?;
+        let make = match self.options.root_propagation {
+            RootPropagation::Shared => "--make-rshared",
+            RootPropagation::Private => "--make-rprivate",
+        };
+        let script = format!(
+            "mount {make} / && exec containerd --config '{}'",
+            self.temp_dir().join("config.toml").display()
+        );
+        // unshare and sh exec without forking: the child's pid is containerd's.
+        let path = format!(
+            "{}:{}",
+            self.temp_dir().join("shim-bin").display(),
+            std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into())
+        );
+        let child = Command::new("unshare")
+            .args(["-m", "--propagation", "unchanged", "sh", "-c", &script])
+            .env("PATH", path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawn unshare/containerd")?;
+        self.info.pid.store(child.id(), Ordering::SeqCst);
+        self.containerd = Some(child);
+        if let Err(e) = self.wait_ready().await {
+            let tail = self.containerd_log_tail(40);
+            return Err(e.context(format!("containerd did not start; log tail:\n{tail}")));
+        }
+        Ok(())
+    }
+
+    /// SIGTERMs containerd and waits for it to exit (SIGKILL after 10 s). Pods keep running.
+    pub async fn stop_containerd(&mut self) -> Result<()> {
+        let Some(mut child) = self.containerd.take() else {
+            return Ok(());
+        };
+        self.info.pid.store(0, Ordering::SeqCst);
+        tokio::task::spawn_blocking(move || terminate(&mut child, Duration::from_secs(10)))
+            .await?;
+        Ok(())
+    }
+
+    async fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mut last_error = anyhow!("socket never appeared");
+        loop {
+            if let Some(status) = self.containerd.as_mut().unwrap().try_wait()? {
+                self.containerd = None;
+                self.info.pid.store(0, Ordering::SeqCst);
+                bail!("containerd exited with {status}");
+            }
+            if self.info.containerd_socket.exists() {
+                match self.cri().await {
+                    Ok(cri) => match cri.version().await {
+                        Ok(_) => return Ok(()),
+                        Err(e) => last_error = e.into(),
+                    },
+                    Err(e) => last_error = e,
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(last_error.context("containerd CRI not ready"));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn import(&self, archive: &Path) -> Result<()> {
+        let output = tokio::process::Command::new("ctr")
+            .arg("-a")
+            .arg(&self.info.containerd_socket)
+            .args(["-n", "k8s.io", "images", "import"])
+            .arg(archive)
+            .output()
+            .await
+            .context("run ctr images import")?;
+        if !output.status.success() {
+            bail!(
+                "ctr images import {} failed: {}{}\ncontainerd log tail:\n{}",
+                archive.display(),
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr),
+                self.containerd_log_tail(20)
+            );
+        }
+        // CRI learns about imported images from events: wait until it sees both.
+        let cri = self.cri().await?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for image in [BUSYBOX_IMAGE, PAUSE_IMAGE] {
+            while cri.image_status(image).await?.image.is_none() {
+                if Instant::now() > deadline {
+                    bail!("CRI does not list {image} after import");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// A kubelet-like CRI client connected straight to containerd.
+    pub async fn cri(&self) -> Result<Cri> {
+        Cri::connect(&self.info.containerd_socket, self.info.clone()).await
+    }
+
+    pub fn info(&self) -> &NodeInfo {
+        &self.info
+    }
+
+    pub fn containerd_socket(&self) -> &Path {
+        &self.info.containerd_socket
+    }
+
+    /// containerd's pid (for `nsenter`); 0 while stopped.
+    pub fn pid(&self) -> u32 {
+        self.info.pid()
+    }
+
+    /// The node's `/var/log/pods`.
+    pub fn logs_root(&self) -> &Path {
+        &self.info.logs_root
+    }
+
+    pub fn temp_dir(&self) -> &Path {
+        &self.info.temp_dir
+    }
+
+    /// Cgroup parent of this node's pods' QoS levels, e.g. `/dockhand-ab12/kubepods`.
+    pub fn cgroup_root(&self) -> &str {
+        &self.info.cgroup_root
+    }
+
+    /// A command that runs `program` inside containerd's mount namespace.
+    pub fn ns_command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        self.info.ns_command(program)
+    }
+
+    /// Everything containerd printed so far.
+    pub fn containerd_log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// The last `lines` lines containerd printed.
+    pub fn containerd_log_tail(&self, lines: usize) -> String {
+        let log = self.containerd_log();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.temp_dir().join("containerd.log")
+    }
+
+    /// Stops and removes every pod sandbox through CRI (best effort, bounded time).
+    fn remove_pods(&self) {
+        let info = self.info.clone();
+        let socket = info.containerd_socket.clone();
+        let worker = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            runtime.block_on(async move {
+                let work = async {
+                    let cri = Cri::connect(&socket, info).await.ok()?;
+                    for pod in cri.list_pods().await.ok()? {
+                        let _ = cri.stop_pod(&pod.id).await;
+                        let _ = cri.remove_pod(&pod.id).await;
+                    }
+                    Some(())
+                };
+                tokio::time::timeout(Duration::from_secs(20), work)
+                    .await
+                    .ok()
+                    .flatten()
+            })
+        });
+        let _ = worker.join();
+    }
+
+    /// Shim socket paths containerd 1.6 derives for the task directories of this node.
+    fn shim_sockets(&self) -> Vec<PathBuf> {
+        let tasks = self.temp_dir().join("state/io.containerd.runtime.v2.task/k8s.io");
+        let Ok(entries) = std::fs::read_dir(tasks) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .map(|e| {
+                let id = e.file_name().to_string_lossy().into_owned();
+                let key = format!("{}/k8s.io/{id}", self.info.containerd_socket.display());
+                PathBuf::from(format!("/run/containerd/s/{}", hex(&Sha256::digest(key))))
+            })
+            .collect()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if self.containerd.is_some() {
+            self.remove_pods();
+        }
+        if let Some(mut child) = self.containerd.take() {
+            terminate(&mut child, Duration::from_secs(5));
+        }
+        let dir = self.temp_dir().to_path_buf();
+        // Shims (`-address <dir>/containerd.sock`), proxies (`--config <dir>/...`) and anything
+        // else started for this node.
+        cleanup::kill_processes_mentioning(&format!("{}/", dir.display()));
+        cleanup::remove_cgroup_tree(&self.cgroup_top);
+        for socket in self.shim_sockets() {
+            let _ = std::fs::remove_file(socket);
+        }
+        cleanup::unmount_under(&dir);
+        if let Some(dir) = self.dir.take() {
+            let _ = dir.close();
+        }
+    }
+}
+
+/// `io.containerd.<name>.v2` → `containerd-shim-<name>-v2`, as containerd names shim binaries.
+fn shim_binary_name(runtime_type: &str) -> Result<String> {
+    let parts: Vec<&str> = runtime_type.split('.').collect();
+    match parts.as_slice() {
+        ["io", "containerd", name, version] => Ok(format!("containerd-shim-{name}-{version}")),
+        _ => bail!("runtime_type {runtime_type:?} is not io.containerd.<name>.<version>"),
+    }
+}
+
+/// SIGTERM, wait up to `grace`, then SIGKILL and reap.
+pub(crate) fn terminate(child: &mut Child, grace: Duration) {
+    if matches!(child.try_wait(), Ok(Some(_))) {
+        return;
+    }
+    cleanup::signal(child.id(), "TERM");
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// containerd's config: everything inside `dir`, CRI for host-network pods on cgroupfs.
+fn config(dir: &Path, options: &NodeOptions) -> String {
+    let d = dir.display();
+    let runtime_path = match &options.runtime_path {
+        Some(path) => format!("runtime_path = \"{}\"", path.display()),
+        None => String::new(),
+    };
+    let runtime_type = &options.runtime_type;
+    let extra = &options.extra_config;
+    format!(
+        r#"version = 2
+root = "{d}/root"
+state = "{d}/state"
+disabled_plugins = [
+  "io.containerd.snapshotter.v1.aufs",
+  "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.zfs",
+  "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.tracing.processor.v1.otlp",
+  "io.containerd.internal.v1.tracing",
+]
+
+[grpc]
+  address = "{d}/containerd.sock"
+
+[ttrpc]
+  address = "{d}/containerd.sock.ttrpc"
+
+[debug]
+  address = ""
+  level = "info"
+
+[metrics]
+  address = ""
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{d}/opt"
+
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{PAUSE_IMAGE}"
+  restrict_oom_score_adj = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "{runtime_type}"
+      {runtime_path}
+
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+        Root = "{d}/runc"
+
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{d}/cni/bin"
+    conf_dir = "{d}/cni/conf"
+
+{extra}
+"#
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cri::{ContainerSpec, PodSpec};
+
+    /// The harness itself: a pod with a container runs, and dropping the node leaves no
+    /// process, cgroup, mount, shim socket or file behind.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn node_runs_a_pod_and_drop_leaves_nothing_behind() {
+        let node = Node::start(NodeOptions::default()).await.unwrap();
+        let cri = node.cri().await.unwrap();
+        let pod = cri.run_pod(&PodSpec::new("harness")).await.unwrap();
+        let id = cri
+            .run_container(&pod, &ContainerSpec::sleeper("sleeper"))
+            .await
+            .unwrap();
+        let out = cri.exec_sync(&id, &["cat", "/proc/self/cgroup"], 10).await.unwrap();
+        let cgroups = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            cgroups.contains(&format!("{}/besteffort/pod{}/{id}", node.cgroup_root(), pod.spec.uid)),
+            "container cgroups: {cgroups}"
+        );
+        // "/" inside containerd's namespace is rshared.
+        let mountinfo = node.ns_command("cat").arg("/proc/self/mountinfo").output().unwrap();
+        let root_line = String::from_utf8_lossy(&mountinfo.stdout)
+            .lines()
+            .find(|l| l.split(' ').nth(4) == Some("/"))
+            .map(str::to_string)
+            .unwrap();
+        assert!(root_line.contains("shared:"), "{root_line}");
+
+        let dir = node.temp_dir().to_path_buf();
+        let sockets = node.shim_sockets();
+        let cgroup_dirs = cleanup::cgroup_dirs(&node.cgroup_top);
+        assert!(!sockets.is_empty() && sockets.iter().any(|s| s.exists()));
+        assert!(!cgroup_dirs.is_empty());
+        drop(cri);
+        drop(node);
+        assert!(!dir.exists(), "{} left behind", dir.display());
+        assert_eq!(cleanup::processes_mentioning(&format!("{}/", dir.display())), Vec::<u32>::new());
+        for path in cgroup_dirs.iter().chain(&sockets) {
+            assert!(!path.exists(), "{} left behind", path.display());
+        }
+    }
+
+    /// `runtime_path` (containerd 1.6+) replaces the shim binary: what the shim engineer plugs in.
+    /// Also checks `RootPropagation::Private`.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn runtime_path_shim_is_used_and_root_can_be_private() {
+        let scripts = tempfile::tempdir().unwrap();
+        let calls = scripts.path().join("calls");
+        let shim = scripts.path().join("containerd-shim-wrapper");
+        std::fs::write(
+            &shim,
+            format!(
+                "#!/bin/sh\necho \"$@\" >> {}\nexec containerd-shim-runc-v2 \"$@\"\n",
+                calls.display()
+            ),
+        )
+        .unwrap();
+        Command::new("chmod").arg("+x").arg(&shim).status().unwrap();
+        let node = Node::start(NodeOptions {
+            runtime_path: Some(shim),
+            root_propagation: RootPropagation::Private,
+            ..NodeOptions::default()
+        })
+        .await
+        .unwrap();
+        let cri = node.cri().await.unwrap();
+        let pod = cri.run_pod(&PodSpec::new("shim")).await.unwrap();
+        let calls = std::fs::read_to_string(&calls).unwrap_or_default();
+        assert!(
+            calls.contains(&pod.id),
+            "shim calls: {calls:?}; containerd log:\n{}",
+            node.containerd_log_tail(30)
+        );
+        let mountinfo = node.ns_command("cat").arg("/proc/self/mountinfo").output().unwrap();
+        let root_line = String::from_utf8_lossy(&mountinfo.stdout)
+            .lines()
+            .find(|l| l.split(' ').nth(4) == Some("/"))
+            .map(str::to_string)
+            .unwrap();
+        assert!(!root_line.contains("shared:"), "{root_line}");
+    }
+}

@@ -1,0 +1,299 @@
+//! The proxy's configuration: a TOML file (`/etc/dockhand/config.toml`) with every key optional,
+//! overridden by command-line flags. Every key and its default is listed in the README.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/dockhand/config.toml";
+pub const DEFAULT_LISTEN: &str = "/run/dockhand/dockhand.sock";
+pub const DEFAULT_CONTAINERD: &str = "/run/containerd/containerd.sock";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid config: {key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Unix socket kubelet connects to.
+    pub listen: PathBuf,
+    /// containerd's CRI socket.
+    pub containerd: PathBuf,
+    /// Loopback address for Prometheus metrics (`/metrics`); none when unset.
+    pub metrics_address: Option<SocketAddr>,
+    /// Seconds to wait for containerd's socket to accept a connection before answering UNAVAILABLE.
+    pub connect_timeout_seconds: u64,
+    /// Seconds SIGTERM waits for in-flight calls before closing connections.
+    pub drain_timeout_seconds: u64,
+    pub propagation: PropagationConfig,
+    pub archive: ArchiveConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: DEFAULT_LISTEN.into(),
+            containerd: DEFAULT_CONTAINERD.into(),
+            metrics_address: None,
+            connect_timeout_seconds: 2,
+            drain_timeout_seconds: 10,
+            propagation: PropagationConfig::default(),
+            archive: ArchiveConfig::default(),
+        }
+    }
+}
+
+/// What the proxy does with Docker-parity mount propagation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PropagationMode {
+    /// Rewrite matching mounts to HOST_TO_CONTAINER (rslave).
+    Enforce,
+    /// Decide, log and count, but forward the request unchanged.
+    DryRun,
+    /// Do nothing.
+    Off,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PropagationConfig {
+    pub mode: PropagationMode,
+    /// Docker's data root: its ancestors and everything inside it get rslave.
+    pub docker_root: PathBuf,
+    /// More absolute host paths, each matching itself and its subtree.
+    pub extra_paths: Vec<PathBuf>,
+}
+
+impl Default for PropagationConfig {
+    fn default() -> Self {
+        PropagationConfig {
+            mode: PropagationMode::Enforce,
+            docker_root: "/var/lib/docker".into(),
+            extra_paths: Vec::new(),
+        }
+    }
+}
+
+/// The container log archive (`archive.rs`): logs kept after kubelet removes containers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ArchiveConfig {
+    /// Archive container logs at all.
+    pub enabled: bool,
+    /// Compressed logs and their metadata, one directory per container.
+    pub dir: PathBuf,
+    /// Hard links to live log files; must be on the same filesystem as `pod_logs_dir`.
+    pub staging_dir: PathBuf,
+    /// Decompressed copies handed to kubelet for archived containers (one directory each);
+    /// never under kubelet's log directories.
+    pub restored_dir: PathBuf,
+    /// kubelet's pod log root; a log file outside it is never archived.
+    pub pod_logs_dir: PathBuf,
+    /// Upper bound of the archive's size on disk; the oldest containers are dropped first.
+    pub max_bytes: u64,
+    /// Containers archived longer ago than this are dropped (0: kept until space runs out).
+    pub max_age_seconds: u64,
+    /// Free space kept on the archive's filesystem, in percent; the oldest are dropped first.
+    pub min_free_percent: u8,
+    /// zstd level (1 fastest to 19 smallest).
+    pub compression_level: i32,
+    /// Answer ContainerStatus for archived containers, so `kubectl logs` works after GC.
+    pub serve_kubelet: bool,
+}
+
+impl Default for ArchiveConfig {
+    fn default() -> Self {
+        ArchiveConfig {
+            enabled: true,
+            dir: "/var/lib/dockhand/archive".into(),
+            staging_dir: "/var/log/dockhand/staging".into(),
+            restored_dir: "/var/lib/dockhand/restored".into(),
+            pod_logs_dir: "/var/log/pods".into(),
+            max_bytes: 1 << 30,
+            max_age_seconds: 7 * 24 * 3600,
+            min_free_percent: 15,
+            compression_level: 3,
+            serve_kubelet: true,
+        }
+    }
+}
+
+impl ArchiveConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, reason: String| Err(ConfigError::Invalid { key, reason });
+        let paths = [
+            ("archive.dir", &self.dir),
+            ("archive.staging_dir", &self.staging_dir),
+            ("archive.restored_dir", &self.restored_dir),
+            ("archive.pod_logs_dir", &self.pod_logs_dir),
+        ];
+        for (key, path) in paths {
+            if !path.is_absolute() {
+                return invalid(key, format!("{} is not an absolute path", path.display()));
+            }
+            if path.components().any(|c| !matches!(c, std::path::Component::RootDir | std::path::Component::Normal(_))) {
+                return invalid(key, format!("{} has '.' or '..' components", path.display()));
+            }
+        }
+        for (i, (key, a)) in paths.iter().enumerate() {
+            for (other, b) in &paths[i + 1..] {
+                if a.starts_with(b) || b.starts_with(a) {
+                    return invalid(key, format!("{} overlaps {other} {}", a.display(), b.display()));
+                }
+            }
+        }
+        // kubelet deletes everything matching `<log_path>*`: no glob characters in the path.
+        let restored = self.restored_dir.to_string_lossy();
+        if restored.contains(['*', '?', '[', ']', '\\']) {
+            return invalid("archive.restored_dir", format!("{restored} contains glob characters"));
+        }
+        for kubelet_dir in ["/var/log/pods", "/var/log/containers"] {
+            if self.restored_dir.starts_with(kubelet_dir) {
+                return invalid("archive.restored_dir", format!("{restored} is under kubelet's {kubelet_dir}"));
+            }
+        }
+        if self.min_free_percent > 100 {
+            return invalid("archive.min_free_percent", "must be at most 100".into());
+        }
+        if !(1..=19).contains(&self.compression_level) {
+            return invalid("archive.compression_level", "must be between 1 and 19".into());
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Reads `path`; a missing file is an error only when `required` (it was named explicitly).
+    pub fn load(path: &Path, required: bool) -> Result<Config, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
+                return Ok(Config::default())
+            }
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.into(),
+                    source,
+                })
+            }
+        };
+        let config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            source: Box::new(e),
+        })?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: absolute paths, a loopback metrics address.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let absolute = |key: &'static str, path: &Path| {
+            if path.is_absolute() {
+                Ok(())
+            } else {
+                Err(ConfigError::Invalid {
+                    key,
+                    reason: format!("{} is not an absolute path", path.display()),
+                })
+            }
+        };
+        absolute("listen", &self.listen)?;
+        absolute("containerd", &self.containerd)?;
+        absolute("propagation.docker_root", &self.propagation.docker_root)?;
+        for path in &self.propagation.extra_paths {
+            absolute("propagation.extra_paths", path)?;
+        }
+        if self.listen == self.containerd {
+            return Err(ConfigError::Invalid {
+                key: "listen",
+                reason: "the proxy cannot listen on containerd's own socket".into(),
+            });
+        }
+        if let Some(addr) = self.metrics_address {
+            if !addr.ip().is_loopback() {
+                return Err(ConfigError::Invalid {
+                    key: "metrics_address",
+                    reason: format!("{addr} is not a loopback address"),
+                });
+            }
+        }
+        self.archive.validate()?;
+        if self.connect_timeout_seconds == 0 {
+            return Err(ConfigError::Invalid {
+                key: "connect_timeout_seconds",
+                reason: "must be at least 1".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let config: Config = toml::from_str("").unwrap();
+        assert_eq!(config.listen, PathBuf::from(DEFAULT_LISTEN));
+        assert_eq!(config.containerd, PathBuf::from(DEFAULT_CONTAINERD));
+        assert_eq!(config.propagation.mode, PropagationMode::Enforce);
+        assert_eq!(config.propagation.docker_root, PathBuf::from("/var/lib/docker"));
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn every_key_parses() {
+        let config: Config = toml::from_str(
+            r#"
+            listen = "/run/x.sock"
+            containerd = "/run/c.sock"
+            metrics_address = "127.0.0.1:9337"
+            connect_timeout_seconds = 3
+            drain_timeout_seconds = 5
+            [propagation]
+            mode = "dry-run"
+            docker_root = "/data/docker"
+            extra_paths = ["/srv"]
+            "#,
+        )
+        .unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.propagation.mode, PropagationMode::DryRun);
+        assert_eq!(config.propagation.extra_paths, vec![PathBuf::from("/srv")]);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors() {
+        assert!(toml::from_str::<Config>("lisen = \"/x\"").is_err());
+        assert!(toml::from_str::<Config>("[propagation]\nmode = \"sometimes\"").is_err());
+        let config: Config = toml::from_str("listen = \"relative.sock\"").unwrap();
+        assert!(config.validate().unwrap_err().to_string().contains("listen"));
+        let config: Config = toml::from_str("metrics_address = \"0.0.0.0:9337\"").unwrap();
+        assert!(config.validate().is_err());
+    }
+
+    #[test]
+    fn missing_file_is_only_an_error_when_named() {
+        let path = Path::new("/nonexistent/dockhand.toml");
+        assert!(Config::load(path, false).is_ok());
+        assert!(matches!(
+            Config::load(path, true),
+            Err(ConfigError::Read { .. })
+        ));
+    }
+}

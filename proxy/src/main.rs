@@ -1,0 +1,158 @@
+//! The `dockhand` command: the CRI proxy and the operator's tools.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use dockhand::config::{Config, DEFAULT_CONFIG_PATH};
+use dockhand::{audit, server};
+
+/// Exit code for a configuration error (EX_USAGE, as sysexits.h).
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(name = "dockhand", version, about = "Move a Kubernetes node from Docker to containerd without its workloads noticing")]
+struct Cli {
+    /// Log filter (tracing's env-filter syntax); RUST_LOG wins when set.
+    #[arg(long, global = true, default_value = "info")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the CRI proxy between kubelet and containerd.
+    Proxy(ProxyArgs),
+    /// Find what would break after a migration without dockhand.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(clap::Args)]
+struct ProxyArgs {
+    /// Config file; a missing default file means all defaults.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Unix socket kubelet connects to (overrides `listen`).
+    #[arg(long)]
+    listen: Option<PathBuf>,
+    /// containerd's socket (overrides `containerd`).
+    #[arg(long)]
+    containerd: Option<PathBuf>,
+    /// Loopback address for /metrics (overrides `metrics_address`).
+    #[arg(long)]
+    metrics_address: Option<std::net::SocketAddr>,
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Running containers that bind-mount Docker's root, its ancestors or inside it privately.
+    Propagation(audit::PropagationArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log_level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("dockhand: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Proxy(args) => proxy(args).await,
+            Command::Audit(AuditCommand::Propagation(args)) => audit::propagation(args)
+                .await
+                .map(|()| ExitCode::SUCCESS),
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("dockhand: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
+    let config = match load_config(&args) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("dockhand: {e}");
+            return Ok(ExitCode::from(EXIT_CONFIG));
+        }
+    };
+    let mut registry = prometheus_client::registry::Registry::default();
+    let proxy = server::Proxy::new(&config, &mut registry);
+    let listener = server::bind(&config.listen)?;
+    tracing::info!(
+        listen = %config.listen.display(),
+        containerd = %config.containerd.display(),
+        propagation = ?config.propagation.mode,
+        "dockhand proxy started"
+    );
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    if let Some(addr) = config.metrics_address {
+        let registry = Arc::new(registry);
+        let mut stop = stop_rx.clone();
+        let metrics = dockhand::metrics::serve(addr, registry, async move {
+            let _ = stop.changed().await;
+        });
+        tokio::spawn(async move {
+            if let Err(e) = metrics.await {
+                tracing::warn!(%addr, error = %e, "metrics endpoint failed");
+            }
+        });
+    }
+    let served = server::serve(listener, proxy, shutdown_signal()).await;
+    let _ = stop_tx.send(true);
+    served.context("serving CRI")?;
+    tracing::info!("dockhand proxy stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn load_config(args: &ProxyArgs) -> Result<Config, dockhand::config::ConfigError> {
+    let (path, required) = match &args.config {
+        Some(path) => (path.clone(), true),
+        None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+    };
+    let mut config = Config::load(&path, required)?;
+    if let Some(listen) = &args.listen {
+        config.listen = listen.clone();
+    }
+    if let Some(containerd) = &args.containerd {
+        config.containerd = containerd.clone();
+    }
+    if let Some(addr) = args.metrics_address {
+        config.metrics_address = Some(addr);
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::warn!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+}

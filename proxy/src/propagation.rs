@@ -1,0 +1,346 @@
+//! Docker-parity mount propagation, applied in CreateContainer.
+//!
+//! Docker (moby `validateBindDaemonRoot`) gave a bind mount `rslave` when the pod asked for no
+//! propagation and its source was the daemon root (`/var/lib/docker`), inside it, or one of its
+//! ancestors (`/`, `/var`, `/var/lib`); when the source's host mount was neither shared nor slave
+//! it silently fell back to private. containerd gives such mounts `rprivate`, and refuses
+//! `rslave` on a private host mount outright. So for each such mount dockhand asks containerd for
+//! `PROPAGATION_HOST_TO_CONTAINER` only when the host mount can take it, and otherwise leaves the
+//! mount private, as Docker did. Paths are compared by components after resolving symlinks the
+//! way containerd will, so `/var/lib/doc` never matches `/var/lib/docker`.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Component, Path, PathBuf};
+
+use dockhand_protos::cri::{CreateContainerRequest, Mount, MountPropagation};
+use dockhand_protos::wire::{self, Edit, Op, Step};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+
+use crate::config::{PropagationConfig, PropagationMode};
+use crate::grpc::Reply;
+use crate::intercept::UnaryCall;
+use crate::mountinfo::{self, MountTable};
+
+/// Pod annotation (on the sandbox) that turns the rewrite off for that pod's containers.
+pub const OPT_OUT_ANNOTATION: &str = "dockhand.io/mount-propagation";
+/// The opt-out annotation's value.
+pub const OPT_OUT_VALUE: &str = "keep";
+/// Container annotation recording what dockhand decided, visible in `crictl inspect`.
+pub const DECISION_ANNOTATION: &str = "dockhand.io/mount-propagation";
+
+// CRI v1 field numbers used for the byte edit.
+const CREATE_CONFIG: u32 = 2;
+const CONFIG_MOUNTS: u32 = 7;
+const CONFIG_ANNOTATIONS: u32 = 10;
+const MOUNT_PROPAGATION: u32 = 5;
+
+/// What dockhand does with one mount.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Ask for HOST_TO_CONTAINER: containerd mounts it rslave, as Docker did.
+    Rslave,
+    /// Leave it private, as Docker's fallback did, and say why.
+    KeepPrivate(&'static str),
+}
+
+impl fmt::Display for Decision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Decision::Rslave => f.write_str("rslave"),
+            Decision::KeepPrivate(why) => write!(f, "private({why})"),
+        }
+    }
+}
+
+/// The decision for one mount of a request, by its index in `config.mounts`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountDecision {
+    pub index: usize,
+    pub container_path: String,
+    pub source: PathBuf,
+    pub decision: Decision,
+}
+
+/// Docker's rule (plus the operator's extra paths), with its roots resolved once.
+pub struct Rule {
+    docker_root: PathBuf,
+    extra: Vec<PathBuf>,
+}
+
+impl Rule {
+    pub fn new(config: &PropagationConfig) -> Rule {
+        Rule {
+            docker_root: resolve(&config.docker_root),
+            extra: config.extra_paths.iter().map(|p| resolve(p)).collect(),
+        }
+    }
+
+    /// The resolved source of `mount` when the rule covers it: propagation left to the runtime
+    /// (PRIVATE), an absolute host path, inside the docker root or an ancestor of it, or inside
+    /// an extra path.
+    pub fn matches(&self, mount: &Mount) -> Option<PathBuf> {
+        if mount.propagation != MountPropagation::PropagationPrivate as i32
+            || !Path::new(&mount.host_path).is_absolute()
+        {
+            return None;
+        }
+        let source = resolve(Path::new(&mount.host_path));
+        let docker = is_within(&self.docker_root, &source) || is_within(&source, &self.docker_root);
+        let extra = self.extra.iter().any(|root| is_within(&source, root));
+        (docker || extra).then_some(source)
+    }
+}
+
+/// Decides which of `mounts` Docker would have made rslave.
+///
+/// `table` is read once, and only when some mount matches the rule.
+pub fn decide<E: fmt::Display>(
+    rule: &Rule,
+    mounts: &[Mount],
+    table: impl FnOnce() -> Result<MountTable, E>,
+) -> Vec<MountDecision> {
+    let matched: Vec<(usize, &Mount, PathBuf)> = mounts
+        .iter()
+        .enumerate()
+        .filter_map(|(i, m)| rule.matches(m).map(|source| (i, m, source)))
+        .collect();
+    if matched.is_empty() {
+        return Vec::new();
+    }
+    let table = table();
+    if let Err(e) = &table {
+        tracing::warn!(error = %e, "cannot read the host's mount table; leaving mounts private");
+    }
+    matched
+        .into_iter()
+        .map(|(index, mount, source)| {
+            let decision = match &table {
+                Err(_) => Decision::KeepPrivate("host mount table unreadable"),
+                Ok(table) => match table.containing(&source).map(|e| e.propagation) {
+                    Some(mountinfo::Propagation::Shared) | Some(mountinfo::Propagation::Slave) => {
+                        Decision::Rslave
+                    }
+                    Some(mountinfo::Propagation::Private) => {
+                        Decision::KeepPrivate("host mount private")
+                    }
+                    None => Decision::KeepPrivate("host mount not found"),
+                },
+            };
+            MountDecision {
+                index,
+                container_path: mount.container_path.clone(),
+                source,
+                decision,
+            }
+        })
+        .collect()
+}
+
+/// Whether `path` is `root` or inside it, by whole components.
+pub fn is_within(path: &Path, root: &Path) -> bool {
+    let mut path = path.components().filter(|c| *c != Component::CurDir);
+    root.components()
+        .filter(|c| *c != Component::CurDir)
+        .all(|c| path.next() == Some(c))
+}
+
+/// Resolves symlinks as containerd will before it mounts: the existing part of the path is
+/// canonicalized and the missing rest (containerd creates it) is appended as written.
+/// Read-only: nothing is created or followed beyond `stat`.
+pub fn resolve(path: &Path) -> PathBuf {
+    let mut existing = path.to_path_buf();
+    let mut missing = Vec::new();
+    loop {
+        match std::fs::canonicalize(&existing) {
+            Ok(mut resolved) => {
+                for part in missing.iter().rev() {
+                    resolved.push(part);
+                }
+                return lexically_clean(&resolved);
+            }
+            Err(_) => match (existing.parent(), existing.file_name()) {
+                (Some(parent), Some(name)) => {
+                    missing.push(name.to_os_string());
+                    existing = parent.to_path_buf();
+                }
+                _ => return lexically_clean(path),
+            },
+        }
+    }
+}
+
+/// Removes `.` and applies `..` without touching the filesystem (for the part that does not exist).
+fn lexically_clean(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// The annotation text for a set of decisions: `"/rootfs=rslave, /host=private(host mount private)"`.
+pub fn annotation(decisions: &[MountDecision]) -> String {
+    decisions
+        .iter()
+        .map(|d| format!("{}={}", d.container_path, d.decision))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The byte edits that carry out `decisions` on an encoded CreateContainerRequest.
+pub fn edits(decisions: &[MountDecision]) -> Vec<Edit> {
+    let mut edits: Vec<Edit> = decisions
+        .iter()
+        .filter(|d| d.decision == Decision::Rslave)
+        .map(|d| Edit {
+            path: vec![Step::Field(CREATE_CONFIG), Step::Item(CONFIG_MOUNTS, d.index)],
+            op: Op::SetVarint {
+                field: MOUNT_PROPAGATION,
+                value: MountPropagation::PropagationHostToContainer as u64,
+            },
+        })
+        .collect();
+    edits.push(Edit {
+        path: vec![Step::Field(CREATE_CONFIG)],
+        op: Op::Append {
+            field: CONFIG_ANNOTATIONS,
+            value: wire::map_entry(DECISION_ANNOTATION, &annotation(decisions)),
+        },
+    });
+    edits
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+/// The CreateContainer handler: state and metrics.
+pub struct Propagation {
+    config: PropagationConfig,
+    rule: Rule,
+    mountinfo: PathBuf,
+    rewrites: Family<ResultLabels, Counter>,
+}
+
+impl Propagation {
+    pub fn new(config: PropagationConfig, registry: &mut Registry) -> Propagation {
+        let rewrites = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "dockhand_propagation_rewrites",
+            "Mounts the Docker-parity propagation rule matched, by what dockhand did",
+            rewrites.clone(),
+        );
+        Propagation {
+            rule: Rule::new(&config),
+            config,
+            mountinfo: PathBuf::from("/proc/self/mountinfo"),
+            rewrites,
+        }
+    }
+
+    fn count(&self, result: &'static str, n: usize) {
+        self.rewrites
+            .get_or_create(&ResultLabels { result })
+            .inc_by(n as u64);
+    }
+
+    pub async fn create_container(&self, call: UnaryCall) -> Reply {
+        if self.config.mode == PropagationMode::Off {
+            return call.forward_unchanged().await;
+        }
+        let request: CreateContainerRequest = match call.decode() {
+            Ok(request) => request,
+            Err(e) => {
+                tracing::debug!(error = %e, "CreateContainer does not decode; forwarding as is");
+                return call.forward_unchanged().await;
+            }
+        };
+        let Some(config) = request.config.as_ref() else {
+            return call.forward_unchanged().await;
+        };
+        let pod = request
+            .sandbox_config
+            .as_ref()
+            .and_then(|s| s.metadata.as_ref())
+            .map(|m| format!("{}/{}", m.namespace, m.name))
+            .unwrap_or_default();
+        let container = config
+            .metadata
+            .as_ref()
+            .map(|m| m.name.clone())
+            .unwrap_or_default();
+        let span = tracing::info_span!("create_container", pod = %pod, container = %container);
+        let _enter = span.enter();
+
+        let decisions = decide(&self.rule, &config.mounts, || {
+            std::fs::read_to_string(&self.mountinfo)
+                .map_err(|e| format!("{}: {e}", self.mountinfo.display()))
+                .and_then(|text| MountTable::parse(&text).map_err(|e| e.to_string()))
+        });
+        if decisions.is_empty() {
+            return call.forward_unchanged().await;
+        }
+        let opted_out = request
+            .sandbox_config
+            .as_ref()
+            .and_then(|s| s.annotations.get(OPT_OUT_ANNOTATION))
+            .is_some_and(|v| v == OPT_OUT_VALUE);
+        if opted_out {
+            tracing::info!(mounts = decisions.len(), "pod opted out; mounts kept as requested");
+            self.count("opted_out", decisions.len());
+            return call.forward_unchanged().await;
+        }
+        for d in &decisions {
+            match &d.decision {
+                Decision::Rslave => tracing::info!(
+                    container_path = %d.container_path, source = %d.source.display(),
+                    dry_run = self.config.mode == PropagationMode::DryRun,
+                    "bind mount gets rslave, as on Docker"
+                ),
+                Decision::KeepPrivate(why) => tracing::warn!(
+                    container_path = %d.container_path, source = %d.source.display(), reason = why,
+                    "keeping rprivate, as Docker's fallback did"
+                ),
+            }
+        }
+        if self.config.mode == PropagationMode::DryRun {
+            self.count("dry_run", decisions.len());
+            return call.forward_unchanged().await;
+        }
+        match wire::apply(&call.message, &edits(&decisions)) {
+            Ok(edited) => {
+                let rslave = decisions
+                    .iter()
+                    .filter(|d| d.decision == Decision::Rslave)
+                    .count();
+                self.count("rslave", rslave);
+                self.count("private_fallback", decisions.len() - rslave);
+                call.forward(&edited).await
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot edit CreateContainer; forwarding unchanged");
+                self.count("error", decisions.len());
+                call.forward_unchanged().await
+            }
+        }
+    }
+}
+
+/// The decisions for a container already created, as recorded in its annotations.
+pub fn recorded(annotations: &HashMap<String, String>) -> Option<&str> {
+    annotations.get(DECISION_ANNOTATION).map(String::as_str)
+}
+
+#[cfg(test)]
+mod tests;

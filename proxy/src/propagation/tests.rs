@@ -1,0 +1,195 @@
+use super::*;
+
+const SHARED_ROOT: &str = "\
+22 1 253:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
+23 22 0:21 / /proc rw,nosuid shared:2 - proc proc rw
+30 22 0:25 / /srv/private rw,relatime - tmpfs tmpfs rw
+31 22 0:26 / /var/lib/kubelet rw,relatime master:7 - tmpfs tmpfs rw
+";
+
+const PRIVATE_ROOT: &str = "22 1 253:0 / / rw,relatime - ext4 /dev/vda rw\n";
+
+fn mount(host: &str, container: &str, propagation: MountPropagation) -> Mount {
+    Mount {
+        host_path: host.into(),
+        container_path: container.into(),
+        propagation: propagation as i32,
+        ..Default::default()
+    }
+}
+
+fn private(host: &str, container: &str) -> Mount {
+    mount(host, container, MountPropagation::PropagationPrivate)
+}
+
+fn config() -> PropagationConfig {
+    PropagationConfig::default()
+}
+
+fn decide_with(config: &PropagationConfig, mounts: &[Mount], table: &str) -> Vec<MountDecision> {
+    decide(&Rule::new(config), mounts, || MountTable::parse(table))
+}
+
+#[test]
+fn docker_root_ancestors_and_descendants_match() {
+    let mounts = [
+        private("/", "/rootfs"),
+        private("/var", "/host/var"),
+        private("/var/lib", "/host/var/lib"),
+        private("/var/lib/docker/containers", "/containers"),
+        private("/var/lib/docker", "/docker"),
+    ];
+    let decisions = decide_with(&config(), &mounts, SHARED_ROOT);
+    assert_eq!(decisions.len(), 5);
+    assert!(decisions.iter().all(|d| d.decision == Decision::Rslave));
+    assert_eq!(
+        decisions.iter().map(|d| d.index).collect::<Vec<_>>(),
+        [0, 1, 2, 3, 4]
+    );
+}
+
+#[test]
+fn unrelated_and_string_prefix_paths_do_not_match() {
+    let mounts = [
+        private("/var/lib/doc", "/a"),
+        private("/var/lib/dockerd", "/b"),
+        private("/etc", "/c"),
+        private("/var/log", "/d"),
+        private("/variable", "/e"),
+    ];
+    assert!(decide_with(&config(), &mounts, SHARED_ROOT).is_empty());
+}
+
+#[test]
+fn explicit_modes_empty_and_relative_paths_are_left_alone() {
+    let mounts = [
+        mount("/", "/a", MountPropagation::PropagationHostToContainer),
+        mount("/", "/b", MountPropagation::PropagationBidirectional),
+        private("", "/c"),
+        private("var/lib", "/d"),
+        Mount {
+            propagation: 7, // a value newer than this proto knows
+            host_path: "/".into(),
+            ..Default::default()
+        },
+    ];
+    assert!(decide_with(&config(), &mounts, SHARED_ROOT).is_empty());
+}
+
+#[test]
+fn private_host_mount_falls_back_like_docker() {
+    let decisions = decide_with(&config(), &[private("/", "/rootfs")], PRIVATE_ROOT);
+    assert_eq!(
+        decisions[0].decision,
+        Decision::KeepPrivate("host mount private")
+    );
+    assert_eq!(
+        annotation(&decisions),
+        "/rootfs=private(host mount private)"
+    );
+}
+
+#[test]
+fn the_mount_that_contains_the_source_decides() {
+    let mut config = config();
+    config.extra_paths = vec!["/srv".into()];
+    let decisions = decide_with(
+        &config,
+        &[private("/srv/private/x", "/x"), private("/srv/other", "/y")],
+        SHARED_ROOT,
+    );
+    assert_eq!(
+        decisions[0].decision,
+        Decision::KeepPrivate("host mount private")
+    );
+    assert_eq!(decisions[1].decision, Decision::Rslave);
+}
+
+#[test]
+fn slave_host_mounts_take_rslave() {
+    let mut config = config();
+    config.extra_paths = vec!["/var/lib/kubelet".into()];
+    let decisions = decide_with(&config, &[private("/var/lib/kubelet/pods", "/p")], SHARED_ROOT);
+    assert_eq!(decisions[0].decision, Decision::Rslave);
+}
+
+#[test]
+fn unreadable_mount_table_keeps_private() {
+    let decisions = decide(&Rule::new(&config()), &[private("/", "/rootfs")], || {
+        Err::<MountTable, _>("no such file")
+    });
+    assert_eq!(
+        decisions[0].decision,
+        Decision::KeepPrivate("host mount table unreadable")
+    );
+}
+
+#[test]
+fn mount_table_is_not_read_when_nothing_matches() {
+    let decisions = decide(&Rule::new(&config()), &[private("/etc", "/etc")], || -> Result<MountTable, String> {
+        panic!("read the mount table for nothing")
+    });
+    assert!(decisions.is_empty());
+}
+
+#[test]
+fn symlinked_sources_are_resolved_before_matching() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().canonicalize().unwrap();
+    let data = root.join("data/docker");
+    std::fs::create_dir_all(&data).unwrap();
+    std::os::unix::fs::symlink(&data, root.join("link")).unwrap();
+    let mut config = config();
+    config.docker_root = data.clone();
+    let table = format!("22 1 253:0 / / rw shared:1 - ext4 /dev/vda rw\n");
+    let link = root.join("link").join("containers");
+    let decisions = decide_with(
+        &config,
+        &[private(link.to_str().unwrap(), "/c")],
+        &table,
+    );
+    assert_eq!(decisions.len(), 1);
+    assert_eq!(decisions[0].source, data.join("containers"));
+    assert_eq!(decisions[0].decision, Decision::Rslave);
+}
+
+#[test]
+fn resolve_keeps_the_missing_rest_of_a_path() {
+    assert_eq!(
+        resolve(Path::new("/nonexistent-dockhand/a/../b")),
+        PathBuf::from("/nonexistent-dockhand/b")
+    );
+    assert_eq!(resolve(Path::new("/")), PathBuf::from("/"));
+}
+
+#[test]
+fn is_within_compares_components() {
+    assert!(is_within(Path::new("/var/lib/docker/x"), Path::new("/var/lib/docker")));
+    assert!(is_within(Path::new("/var/lib/docker"), Path::new("/var/lib/docker/")));
+    assert!(!is_within(Path::new("/var/lib/doc"), Path::new("/var/lib/docker")));
+    assert!(is_within(Path::new("/var"), Path::new("/")));
+}
+
+#[test]
+fn edits_set_host_to_container_and_annotate() {
+    use dockhand_protos::cri::{ContainerConfig, CreateContainerRequest};
+    use prost::Message;
+    let request = CreateContainerRequest {
+        pod_sandbox_id: "pod".into(),
+        config: Some(ContainerConfig {
+            mounts: vec![private("/etc", "/etc"), private("/", "/rootfs")],
+            ..Default::default()
+        }),
+        sandbox_config: None,
+    };
+    let decisions = decide_with(&config(), &request.config.as_ref().unwrap().mounts, SHARED_ROOT);
+    let edited = wire::apply(&request.encode_to_vec(), &edits(&decisions)).unwrap();
+    let edited = CreateContainerRequest::decode(edited.as_slice()).unwrap();
+    let config = edited.config.unwrap();
+    assert_eq!(config.mounts[0].propagation, MountPropagation::PropagationPrivate as i32);
+    assert_eq!(
+        config.mounts[1].propagation,
+        MountPropagation::PropagationHostToContainer as i32
+    );
+    assert_eq!(config.annotations[DECISION_ANNOTATION], "/rootfs=rslave");
+}

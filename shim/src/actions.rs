@@ -1,0 +1,197 @@
+//! The shim binary's actions, run as short-lived processes by containerd:
+//!
+//! - `start`: run the delegate's `start` with the same arguments, working directory (the bundle),
+//!   stdin (runtime options) and environment; bind this shim's socket next to the delegate's
+//!   (or find it already served, for the second container of a pod); launch the daemon on it;
+//!   point the bundle's `address` file at it (containerd 1.x reconnects through that file after
+//!   a restart); answer with the delegate's reply carrying this shim's address.
+//! - `delete`: run the delegate's `delete` with stdout and stderr relayed (stdout is the
+//!   protobuf `DeleteResponse` containerd reads), remove the record, exit with its status.
+//! - anything else (`-v`, `-info`, future actions): run the delegate with everything relayed.
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, ExitStatus, Stdio};
+
+use tracing::{info, warn};
+
+use crate::args::Flags;
+use crate::config::{Config, ENV_DELEGATE, ENV_RECORD_DIR};
+use crate::reply::{self, ReplyError, StartReply};
+use crate::DAEMON_ACTION;
+
+/// The delegate's address, given to the daemon.
+pub const ENV_DELEGATE_ADDRESS: &str = "DOCKHAND_DELEGATE_ADDRESS";
+
+/// Errors of the `start`, `delete` and pass-through actions.
+#[derive(Debug, thiserror::Error)]
+pub enum ActionError {
+    #[error("run the delegate {path}: {source}")]
+    Delegate {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Reply(#[from] ReplyError),
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} exists and is not a socket; refusing to replace it")]
+    NotSocket { path: PathBuf },
+}
+
+fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ActionError {
+    let path = path.to_path_buf();
+    move |source| ActionError::Io { op, path, source }
+}
+
+fn exit_code(status: ExitStatus) -> ExitCode {
+    match status.code() {
+        Some(code) => ExitCode::from(code as u8),
+        None => ExitCode::FAILURE,
+    }
+}
+
+fn delegate(config: &Config, args: &[OsString]) -> Command {
+    let mut cmd = Command::new(&config.delegate);
+    cmd.args(args);
+    cmd
+}
+
+fn run_err(config: &Config) -> impl FnOnce(std::io::Error) -> ActionError + '_ {
+    move |source| ActionError::Delegate {
+        path: config.delegate.clone(),
+        source,
+    }
+}
+
+/// The `start` action. Writes the reply to stdout.
+pub fn start(flags: &Flags, args: &[OsString], config: &Config) -> Result<ExitCode, ActionError> {
+    let out = delegate(config, args)
+        .stdin(Stdio::inherit())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(run_err(config))?;
+    let mut stdout = std::io::stdout();
+    if !out.status.success() {
+        let _ = stdout.write_all(&out.stdout);
+        return Ok(exit_code(out.status));
+    }
+    let reply = StartReply::parse(&out.stdout)?;
+    let own = reply::own_address(&reply.address)?;
+    let own_path = PathBuf::from(own.trim_start_matches("unix://"));
+    match bind(&own_path)? {
+        Some(listener) => spawn_daemon(flags, config, &reply.address, listener)?,
+        None => info!(address = %own, "shim already serving this delegate"),
+    }
+    write_address_file(Path::new("address"), &own)?;
+    stdout
+        .write_all(&reply.with_address(&own))
+        .and_then(|()| stdout.flush())
+        .map_err(io_err("write", Path::new("stdout")))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Binds `path`; `None` when a live shim already serves it. A stale socket is replaced.
+fn bind(path: &Path) -> Result<Option<UnixListener>, ActionError> {
+    match UnixListener::bind(path) {
+        Ok(listener) => Ok(Some(listener)),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            if UnixStream::connect(path).is_ok() {
+                return Ok(None);
+            }
+            let meta = std::fs::symlink_metadata(path).map_err(io_err("stat", path))?;
+            if !meta.file_type().is_socket() {
+                return Err(ActionError::NotSocket {
+                    path: path.to_path_buf(),
+                });
+            }
+            warn!(path = %path.display(), "replacing stale socket");
+            std::fs::remove_file(path).map_err(io_err("remove", path))?;
+            UnixListener::bind(path)
+                .map(Some)
+                .map_err(io_err("bind", path))
+        }
+        Err(e) => Err(io_err("bind", path)(e)),
+    }
+}
+
+/// Launches the daemon with the bound listener as its stdin (no fd juggling, no `unsafe`), in
+/// its own process group like the runc shim, and does not wait for it: it outlives this process.
+#[allow(clippy::zombie_processes)] // never waited on purpose: the daemon is orphaned like the delegate's
+fn spawn_daemon(
+    flags: &Flags,
+    config: &Config,
+    delegate_address: &str,
+    listener: UnixListener,
+) -> Result<(), ActionError> {
+    let exe = std::env::current_exe().map_err(io_err("locate", Path::new("/proc/self/exe")))?;
+    let mut cmd = Command::new(&exe);
+    cmd.args(["-namespace", &flags.namespace, "-id", &flags.id])
+        .args(["-address", &flags.address])
+        .args(["-publish-binary", &flags.publish_binary]);
+    if flags.debug {
+        cmd.arg("-debug");
+    }
+    cmd.arg(DAEMON_ACTION)
+        .env(ENV_DELEGATE_ADDRESS, delegate_address)
+        .env(ENV_RECORD_DIR, &config.record_dir)
+        .env(ENV_DELEGATE, &config.delegate)
+        .stdin(Stdio::from(OwnedFd::from(listener)))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0);
+    let child = cmd.spawn().map_err(io_err("spawn", &exe))?;
+    info!(pid = child.id(), delegate = %delegate_address, "daemon launched");
+    Ok(())
+}
+
+/// Atomically writes the bundle's `address` file (temp, fsync, rename).
+fn write_address_file(path: &Path, address: &str) -> Result<(), ActionError> {
+    let tmp = path.with_file_name(format!(".address.dockhand-{}", std::process::id()));
+    let result = (|| {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&tmp)
+            .map_err(io_err("create", &tmp))?;
+        file.write_all(address.as_bytes())
+            .and_then(|()| file.sync_all())
+            .map_err(io_err("write", &tmp))?;
+        std::fs::rename(&tmp, path).map_err(io_err("rename", path))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// The `delete` action: the delegate's answer relayed, then the record removed.
+pub fn delete(flags: &Flags, args: &[OsString], config: &Config) -> Result<ExitCode, ActionError> {
+    let status = delegate(config, args).status().map_err(run_err(config))?;
+    if status.success() && dockhand_protos::record::is_container_id(&flags.id) {
+        match dockhand_protos::record::remove(&config.record_dir, &flags.id) {
+            Ok(()) => info!(container = %flags.id, "record removed by delete action"),
+            Err(e) => warn!(container = %flags.id, error = %e, "cannot remove record"),
+        }
+    }
+    Ok(exit_code(status))
+}
+
+/// Any other action: the delegate with stdin, stdout, stderr and exit status relayed.
+pub fn pass_through(args: &[OsString], config: &Config) -> Result<ExitCode, ActionError> {
+    let status = delegate(config, args).status().map_err(run_err(config))?;
+    Ok(exit_code(status))
+}
