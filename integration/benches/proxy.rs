@@ -119,10 +119,19 @@ fn header(title: &str) {
         "{:<34} {:>9} {:>9} | {:>9} {:>9} | {:>6} {:>8}",
         "call", "direct50", "direct99", "proxy50", "proxy99", "p99 x", "added99"
     );
-    println!("{:<34} {:>9} {:>9} | {:>9} {:>9} | {:>6} {:>8}", "", "µs", "µs", "µs", "µs", "", "µs");
+    println!(
+        "{:<34} {:>9} {:>9} | {:>9} {:>9} | {:>6} {:>8}",
+        "", "µs", "µs", "µs", "µs", "", "µs"
+    );
 }
 
-async fn throughput(socket: &Path, path: &'static str, message: &Bytes, callers: usize, each: usize) -> f64 {
+async fn throughput(
+    socket: &Path,
+    path: &'static str,
+    message: &Bytes,
+    callers: usize,
+    each: usize,
+) -> f64 {
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..callers {
@@ -220,7 +229,10 @@ fn container(i: usize) -> cri::Container {
             ("io.kubernetes.container.name", format!("container-{i}")),
             ("io.kubernetes.pod.name", format!("pod-{}", i / 3)),
             ("io.kubernetes.pod.namespace", "default".to_string()),
-            ("io.kubernetes.pod.uid", format!("{:08x}-0000-0000-0000-000000000000", i / 3)),
+            (
+                "io.kubernetes.pod.uid",
+                format!("{:08x}-0000-0000-0000-000000000000", i / 3),
+            ),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -228,7 +240,10 @@ fn container(i: usize) -> cri::Container {
         annotations: [
             ("io.kubernetes.container.hash", "1a2b3c4d".to_string()),
             ("io.kubernetes.container.restartCount", "0".to_string()),
-            ("io.kubernetes.container.terminationMessagePath", "/dev/termination-log".to_string()),
+            (
+                "io.kubernetes.container.terminationMessagePath",
+                "/dev/termination-log".to_string(),
+            ),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -260,7 +275,12 @@ fn realistic_create() -> Bytes {
         ..Default::default()
     });
     let annotations = (0..50)
-        .map(|i| (format!("example.com/annotation-{i}"), format!("value-{i}-{}", "x".repeat(60))))
+        .map(|i| {
+            (
+                format!("example.com/annotation-{i}"),
+                format!("value-{i}-{}", "x".repeat(60)),
+            )
+        })
         .collect();
     cri::CreateContainerRequest {
         pod_sandbox_id: "f".repeat(64),
@@ -362,7 +382,11 @@ async fn fake_section() {
         p / d
     );
     let (rss, hwm) = rss_kib(proxy.child.id());
-    println!("proxy memory after the load: RSS {:.1} MiB, peak RSS {:.1} MiB", rss as f64 / 1024.0, hwm as f64 / 1024.0);
+    println!(
+        "proxy memory after the load: RSS {:.1} MiB, peak RSS {:.1} MiB",
+        rss as f64 / 1024.0,
+        hwm as f64 / 1024.0
+    );
 }
 
 fn edit_section() {

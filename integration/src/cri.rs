@@ -142,14 +142,17 @@ impl Cri {
     /// Connects to the CRI server at `socket` (containerd's or the proxy's) for `node`.
     pub async fn connect(socket: &Path, node: NodeInfo) -> Result<Cri> {
         let path = socket.to_path_buf();
-        let channel = Endpoint::try_from("http://[::]:50051")?
-            .timeout(CALL_TIMEOUT)
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let path = path.clone();
-                async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
-            }))
-            .await
-            .with_context(|| format!("connect to {}", socket.display()))?;
+        let channel =
+            Endpoint::try_from("http://[::]:50051")?
+                .timeout(CALL_TIMEOUT)
+                .connect_with_connector(tower::service_fn(move |_: Uri| {
+                    let path = path.clone();
+                    async move {
+                        Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?))
+                    }
+                }))
+                .await
+                .with_context(|| format!("connect to {}", socket.display()))?;
         Ok(Cri { channel, node })
     }
 
@@ -182,7 +185,9 @@ impl Cri {
             .map_err(|e| Status::unavailable(format!("channel not ready: {e}")))?;
         let path = PathAndQuery::from_str(path)
             .map_err(|e| Status::invalid_argument(format!("bad method path {path}: {e}")))?;
-        let response = grpc.unary(tonic::Request::new(request), path, RawCodec).await?;
+        let response = grpc
+            .unary(tonic::Request::new(request), path, RawCodec)
+            .await?;
         Ok(response.into_inner())
     }
 
@@ -202,9 +207,10 @@ impl Cri {
         let mut annotations = spec.annotations.clone();
         annotations.insert("kubernetes.io/config.seen".into(), rfc3339_now());
         annotations.insert("kubernetes.io/config.source".into(), "api".into());
-        let cgroup_parent = spec.cgroup_parent.clone().unwrap_or_else(|| {
-            format!("{}/besteffort/pod{}", self.node.cgroup_root, spec.uid)
-        });
+        let cgroup_parent = spec
+            .cgroup_parent
+            .clone()
+            .unwrap_or_else(|| format!("{}/besteffort/pod{}", self.node.cgroup_root, spec.uid));
         cri::PodSandboxConfig {
             metadata: Some(cri::PodSandboxMetadata {
                 name: spec.name.clone(),
@@ -253,7 +259,12 @@ impl Cri {
             config: Some(config.clone()),
             runtime_handler: String::new(),
         };
-        let id = self.runtime().run_pod_sandbox(request).await?.into_inner().pod_sandbox_id;
+        let id = self
+            .runtime()
+            .run_pod_sandbox(request)
+            .await?
+            .into_inner()
+            .pod_sandbox_id;
         Ok(Pod {
             id,
             spec: spec.clone(),
@@ -270,7 +281,11 @@ impl Cri {
             pod_sandbox_id: id.into(),
             verbose,
         };
-        Ok(self.runtime().pod_sandbox_status(request).await?.into_inner())
+        Ok(self
+            .runtime()
+            .pod_sandbox_status(request)
+            .await?
+            .into_inner())
     }
 
     pub async fn stop_pod(&self, id: &str) -> Result<(), Status> {
@@ -291,7 +306,12 @@ impl Cri {
 
     pub async fn list_pods(&self) -> Result<Vec<cri::PodSandbox>, Status> {
         let request = cri::ListPodSandboxRequest { filter: None };
-        Ok(self.runtime().list_pod_sandbox(request).await?.into_inner().items)
+        Ok(self
+            .runtime()
+            .list_pod_sandbox(request)
+            .await?
+            .into_inner()
+            .items)
     }
 
     /// The container config kubelet would send for `spec` in `pod`.
@@ -314,8 +334,14 @@ impl Cri {
         let hash = hex(&Sha256::digest(format!("{spec:?}")))[..8].to_string();
         for (key, value) in [
             ("io.kubernetes.container.hash", hash.as_str()),
-            ("io.kubernetes.container.restartCount", &spec.attempt.to_string()),
-            ("io.kubernetes.container.terminationMessagePath", "/dev/termination-log"),
+            (
+                "io.kubernetes.container.restartCount",
+                &spec.attempt.to_string(),
+            ),
+            (
+                "io.kubernetes.container.terminationMessagePath",
+                "/dev/termination-log",
+            ),
             ("io.kubernetes.container.terminationMessagePolicy", "File"),
             ("io.kubernetes.pod.terminationGracePeriod", "30"),
         ] {
@@ -370,7 +396,11 @@ impl Cri {
     }
 
     /// Creates a container like kubelet does; returns its id.
-    pub async fn create_container(&self, pod: &Pod, spec: &ContainerSpec) -> Result<String, Status> {
+    pub async fn create_container(
+        &self,
+        pod: &Pod,
+        spec: &ContainerSpec,
+    ) -> Result<String, Status> {
         let config = self.container_config(&pod.spec, spec).await?;
         self.create_container_config(pod, config).await
     }
@@ -386,7 +416,12 @@ impl Cri {
             config: Some(config),
             sandbox_config: Some(pod.config.clone()),
         };
-        Ok(self.runtime().create_container(request).await?.into_inner().container_id)
+        Ok(self
+            .runtime()
+            .create_container(request)
+            .await?
+            .into_inner()
+            .container_id)
     }
 
     pub async fn start_container(&self, id: &str) -> Result<(), Status> {
@@ -434,13 +469,21 @@ impl Cri {
     }
 
     /// Containers of one pod, or all when `pod_id` is `None`.
-    pub async fn list_containers(&self, pod_id: Option<&str>) -> Result<Vec<cri::Container>, Status> {
+    pub async fn list_containers(
+        &self,
+        pod_id: Option<&str>,
+    ) -> Result<Vec<cri::Container>, Status> {
         let filter = pod_id.map(|id| cri::ContainerFilter {
             pod_sandbox_id: id.into(),
             ..Default::default()
         });
         let request = cri::ListContainersRequest { filter };
-        Ok(self.runtime().list_containers(request).await?.into_inner().containers)
+        Ok(self
+            .runtime()
+            .list_containers(request)
+            .await?
+            .into_inner()
+            .containers)
     }
 
     pub async fn exec_sync(
@@ -467,7 +510,10 @@ impl Cri {
                 return Ok(status);
             }
             if Instant::now() > deadline {
-                bail!("container {id} still in state {} after {timeout:?}", status.state);
+                bail!(
+                    "container {id} still in state {} after {timeout:?}",
+                    status.state
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -475,7 +521,12 @@ impl Cri {
 
     pub async fn list_images(&self) -> Result<Vec<cri::Image>, Status> {
         let request = cri::ListImagesRequest { filter: None };
-        Ok(self.images().list_images(request).await?.into_inner().images)
+        Ok(self
+            .images()
+            .list_images(request)
+            .await?
+            .into_inner()
+            .images)
     }
 
     pub async fn image_status(&self, image: &str) -> Result<cri::ImageStatusResponse, Status> {
@@ -496,7 +547,8 @@ impl Cri {
         let log_path = status.context("ContainerStatus without status")?.log_path;
         if !log_path.is_empty() {
             for file in files_with_prefix(Path::new(&log_path))? {
-                std::fs::remove_file(&file).with_context(|| format!("remove {}", file.display()))?;
+                std::fs::remove_file(&file)
+                    .with_context(|| format!("remove {}", file.display()))?;
             }
         }
         self.container_status(id, false).await?;
@@ -528,7 +580,9 @@ pub fn files_with_prefix(prefix: &Path) -> Result<Vec<PathBuf>> {
 /// A unique pod uid in UUID form.
 fn new_uid() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
     let seed = format!(
         "{}-{}-{}",
         std::process::id(),
@@ -536,11 +590,20 @@ fn new_uid() -> String {
         COUNTER.fetch_add(1, Ordering::SeqCst)
     );
     let h = hex(&Sha256::digest(seed));
-    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
 /// Now as RFC 3339 (UTC, nanoseconds), like kubelet's `config.seen`.
 fn rfc3339_now() -> String {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
     crate::logs::format_rfc3339(now.as_secs() as i64, now.subsec_nanos())
 }

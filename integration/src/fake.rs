@@ -73,11 +73,13 @@ impl FakeUpstream {
                 };
                 let answer = answer.clone();
                 let recorded = recorded.clone();
-                let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
-                    let answer = answer.clone();
-                    let recorded = recorded.clone();
-                    async move { Ok::<_, Infallible>(respond(request, &*answer, &recorded).await) }
-                });
+                let service = hyper::service::service_fn(
+                    move |request: http::Request<Incoming>| {
+                        let answer = answer.clone();
+                        let recorded = recorded.clone();
+                        async move { Ok::<_, Infallible>(respond(request, &*answer, &recorded).await) }
+                    },
+                );
                 tokio::spawn(async move {
                     let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), service)
@@ -101,6 +103,11 @@ impl FakeUpstream {
     pub fn seen(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
     }
+
+    /// The requests received for one method, in order (the proxy makes calls of its own too).
+    pub fn seen_for(&self, path: &str) -> Vec<Seen> {
+        self.seen().into_iter().filter(|s| s.path == path).collect()
+    }
 }
 
 impl Drop for FakeUpstream {
@@ -111,7 +118,8 @@ impl Drop for FakeUpstream {
     }
 }
 
-type FakeBody = StreamBody<futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>>;
+type FakeBody =
+    StreamBody<futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>>;
 
 async fn respond(
     request: http::Request<Incoming>,

@@ -87,7 +87,11 @@ fn build() -> Result<Fixtures> {
             String::from_utf8_lossy(&gcc.stderr)
         );
     }
-    write_image_archive(Path::new(BUSYBOX), &pause, &scratch.path().join("images.tar"))?;
+    write_image_archive(
+        Path::new(BUSYBOX),
+        &pause,
+        &scratch.path().join("images.tar"),
+    )?;
     let scratch = scratch.keep();
     if let Err(e) = std::fs::rename(&scratch, &dir) {
         // Another process won the race; its copy is identical.

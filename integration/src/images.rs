@@ -60,7 +60,13 @@ pub fn write_image_archive(busybox: &Path, pause: &Path, out: &Path) -> Result<(
         json!({ "Env": [PATH_ENV], "Cmd": ["sh"] }),
     )?;
     let pause_data = std::fs::read(pause).with_context(|| format!("read {}", pause.display()))?;
-    let pause_layer = [("pause".to_string(), Entry::File { mode: 0o755, data: pause_data })];
+    let pause_layer = [(
+        "pause".to_string(),
+        Entry::File {
+            mode: 0o755,
+            data: pause_data,
+        },
+    )];
     let pause_image = image(
         PAUSE_IMAGE,
         pause_layer.into_iter().collect(),
@@ -69,7 +75,11 @@ pub fn write_image_archive(busybox: &Path, pause: &Path, out: &Path) -> Result<(
 
     let file = std::fs::File::create(out).with_context(|| format!("create {}", out.display()))?;
     let mut archive = tar::Builder::new(file);
-    append(&mut archive, "oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    append(
+        &mut archive,
+        "oci-layout",
+        br#"{"imageLayoutVersion":"1.0.0"}"#,
+    )?;
     let index = json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.index.v1+json",

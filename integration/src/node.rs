@@ -3,6 +3,7 @@
 //! removes every pod, process, cgroup, mount and file it made.
 
 use std::fs::OpenOptions;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -38,8 +39,10 @@ pub struct NodeOptions {
     pub runtime_type: String,
     /// A shim binary used instead of the one `runtime_type` names, keeping the runc options.
     /// containerd 1.6.20's CRI parses `runtime_path` but never passes it on (measured), so the
-    /// harness also links the binary as `containerd-shim-<name>-v2` into a directory that comes
-    /// first in containerd's `PATH`, which is where containerd looks for shims first.
+    /// harness also puts a `containerd-shim-<name>-v2` script in a directory that comes first in
+    /// containerd's `PATH` (containerd looks shims up in `PATH` first). The script restores the
+    /// original `PATH` and execs this binary, so the shim itself still finds the real
+    /// `containerd-shim-runc-v2` by name.
     pub runtime_path: Option<PathBuf>,
     /// TOML appended to the generated containerd config (extra tables only).
     pub extra_config: String,
@@ -105,15 +108,26 @@ impl Node {
     pub async fn start(options: NodeOptions) -> Result<Node> {
         let fixtures = fixtures()?;
         // Under /tmp: unix socket paths must stay short.
-        let dir = tempfile::Builder::new().prefix("dockhand-").tempdir_in("/tmp")?;
+        let dir = tempfile::Builder::new()
+            .prefix("dockhand-")
+            .tempdir_in("/tmp")?;
         let path = dir.path().to_path_buf();
-        for sub in ["root", "state", "pods", "cni/bin", "cni/conf", "runc", "opt", "shim-bin"] {
+        for sub in [
+            "root", "state", "pods", "cni/bin", "cni/conf", "runc", "opt", "shim-bin",
+        ] {
             std::fs::create_dir_all(path.join(sub))?;
         }
         if let Some(shim) = &options.runtime_path {
-            let link = path.join("shim-bin").join(shim_binary_name(&options.runtime_type)?);
-            std::os::unix::fs::symlink(shim, &link)
-                .with_context(|| format!("link {} to {}", link.display(), shim.display()))?;
+            let script = path
+                .join("shim-bin")
+                .join(shim_binary_name(&options.runtime_type)?);
+            let text = format!(
+                "#!/bin/sh\nPATH='{}'\nexport PATH\nexec '{}' \"$@\"\n",
+                host_path(),
+                shim.display()
+            );
+            std::fs::write(&script, text)?;
+            std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))?;
         }
         let unique = path.file_name().unwrap().to_string_lossy().into_owned();
         let cgroup_top = unique.clone();
@@ -158,7 +172,7 @@ impl Node {
         let path = format!(
             "{}:{}",
             self.temp_dir().join("shim-bin").display(),
-            std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into())
+            host_path()
         );
         let child = Command::new("unshare")
             .args(["-m", "--propagation", "unchanged", "sh", "-c", &script])
@@ -183,8 +197,7 @@ impl Node {
             return Ok(());
         };
         self.info.pid.store(0, Ordering::SeqCst);
-        tokio::task::spawn_blocking(move || terminate(&mut child, Duration::from_secs(10)))
-            .await?;
+        tokio::task::spawn_blocking(move || terminate(&mut child, Duration::from_secs(10))).await?;
         Ok(())
     }
 
@@ -327,7 +340,9 @@ impl Node {
 
     /// Shim socket paths containerd 1.6 derives for the task directories of this node.
     fn shim_sockets(&self) -> Vec<PathBuf> {
-        let tasks = self.temp_dir().join("state/io.containerd.runtime.v2.task/k8s.io");
+        let tasks = self
+            .temp_dir()
+            .join("state/io.containerd.runtime.v2.task/k8s.io");
         let Ok(entries) = std::fs::read_dir(tasks) else {
             return Vec::new();
         };
@@ -363,6 +378,11 @@ impl Drop for Node {
             let _ = dir.close();
         }
     }
+}
+
+/// This process's `PATH`.
+fn host_path() -> String {
+    std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into())
 }
 
 /// `io.containerd.<name>.v2` → `containerd-shim-<name>-v2`, as containerd names shim binaries.
@@ -472,14 +492,25 @@ mod tests {
             .run_container(&pod, &ContainerSpec::sleeper("sleeper"))
             .await
             .unwrap();
-        let out = cri.exec_sync(&id, &["cat", "/proc/self/cgroup"], 10).await.unwrap();
+        let out = cri
+            .exec_sync(&id, &["cat", "/proc/self/cgroup"], 10)
+            .await
+            .unwrap();
         let cgroups = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(
-            cgroups.contains(&format!("{}/besteffort/pod{}/{id}", node.cgroup_root(), pod.spec.uid)),
+            cgroups.contains(&format!(
+                "{}/besteffort/pod{}/{id}",
+                node.cgroup_root(),
+                pod.spec.uid
+            )),
             "container cgroups: {cgroups}"
         );
         // "/" inside containerd's namespace is rshared.
-        let mountinfo = node.ns_command("cat").arg("/proc/self/mountinfo").output().unwrap();
+        let mountinfo = node
+            .ns_command("cat")
+            .arg("/proc/self/mountinfo")
+            .output()
+            .unwrap();
         let root_line = String::from_utf8_lossy(&mountinfo.stdout)
             .lines()
             .find(|l| l.split(' ').nth(4) == Some("/"))
@@ -495,7 +526,10 @@ mod tests {
         drop(cri);
         drop(node);
         assert!(!dir.exists(), "{} left behind", dir.display());
-        assert_eq!(cleanup::processes_mentioning(&format!("{}/", dir.display())), Vec::<u32>::new());
+        assert_eq!(
+            cleanup::processes_mentioning(&format!("{}/", dir.display())),
+            Vec::<u32>::new()
+        );
         for path in cgroup_dirs.iter().chain(&sockets) {
             assert!(!path.exists(), "{} left behind", path.display());
         }
@@ -511,7 +545,8 @@ mod tests {
         std::fs::write(
             &shim,
             format!(
-                "#!/bin/sh\necho \"$@\" >> {}\nexec containerd-shim-runc-v2 \"$@\"\n",
+                "#!/bin/sh\ncase \"$PATH\" in *shim-bin*) echo PATH leaked >> {0}; exit 1;; esac\n\
+                 echo \"$@\" >> {0}\nexec /usr/bin/containerd-shim-runc-v2 \"$@\"\n",
                 calls.display()
             ),
         )
@@ -528,11 +563,15 @@ mod tests {
         let pod = cri.run_pod(&PodSpec::new("shim")).await.unwrap();
         let calls = std::fs::read_to_string(&calls).unwrap_or_default();
         assert!(
-            calls.contains(&pod.id),
+            calls.contains(&pod.id) && !calls.contains("PATH leaked"),
             "shim calls: {calls:?}; containerd log:\n{}",
             node.containerd_log_tail(30)
         );
-        let mountinfo = node.ns_command("cat").arg("/proc/self/mountinfo").output().unwrap();
+        let mountinfo = node
+            .ns_command("cat")
+            .arg("/proc/self/mountinfo")
+            .output()
+            .unwrap();
         let root_line = String::from_utf8_lossy(&mountinfo.stdout)
             .lines()
             .find(|l| l.split(' ').nth(4) == Some("/"))

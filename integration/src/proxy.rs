@@ -65,7 +65,10 @@ impl ProxyProcess {
             .arg("proxy")
             .arg("--config")
             .arg(self.config_path())
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -76,14 +79,20 @@ impl ProxyProcess {
         loop {
             if let Some(status) = self.child.as_mut().unwrap().try_wait()? {
                 self.child = None;
-                bail!("dockhand proxy exited with {status} before accepting; log:\n{}", self.log());
+                bail!(
+                    "dockhand proxy exited with {status} before accepting; log:\n{}",
+                    self.log()
+                );
             }
             if tokio::net::UnixStream::connect(self.socket()).await.is_ok() {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("dockhand proxy did not accept on {} within {START_TIMEOUT:?}; log:\n{}",
-                    self.socket().display(), self.log());
+                bail!(
+                    "dockhand proxy did not accept on {} within {START_TIMEOUT:?}; log:\n{}",
+                    self.socket().display(),
+                    self.log()
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -137,7 +146,10 @@ impl ProxyProcess {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                bail!("dockhand proxy ignored SIGTERM for 30 s; log:\n{}", self.log());
+                bail!(
+                    "dockhand proxy ignored SIGTERM for 30 s; log:\n{}",
+                    self.log()
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -56,6 +56,14 @@ impl Transcript {
         self.steps.push((step.to_string(), text));
     }
 
+    /// Like `record`, for an outcome already rendered as text.
+    fn record_text(&mut self, step: &str, outcome: Result<String, Status>) {
+        match outcome {
+            Ok(text) => self.note(step, text),
+            Err(status) => self.record::<()>(step, &Err(status)),
+        }
+    }
+
     fn note(&mut self, step: &str, text: String) {
         self.steps.push((step.to_string(), text));
     }
@@ -75,7 +83,10 @@ impl Transcript {
                 for (value, name) in &self.aliases {
                     text = text.replace(value, name);
                 }
-                (step.clone(), sort_map_entries(&normalise_tokens(&text, &mut ids)))
+                (
+                    step.clone(),
+                    sort_map_entries(&normalise_tokens(&text, &mut ids)),
+                )
             })
             .collect()
     }
@@ -113,7 +124,11 @@ fn normalise_tokens(text: &str, ids: &mut HashMap<String, String>) -> String {
 
 fn looks_like_rfc3339(token: &str) -> bool {
     let bytes = token.as_bytes();
-    bytes.len() >= 20 && bytes[4] == b'-' && bytes[7] == b'-' && bytes[10] == b'T' && bytes[13] == b':'
+    bytes.len() >= 20
+        && bytes[4] == b'-'
+        && bytes[7] == b'-'
+        && bytes[10] == b'T'
+        && bytes[13] == b':'
 }
 
 /// Sorts runs of consecutive `"key": value,` lines (map entries in pretty Debug output).
@@ -183,7 +198,11 @@ async fn pod_lifecycle_looks_the_same_through_the_proxy() -> Result<()> {
     // The scenario is not vacuous: the pod ran, then was gone.
     let steps = via_proxy.normalised();
     assert!(steps[0].1.contains("SandboxReady"), "{}", steps[0].1);
-    assert!(steps.last().unwrap().1.starts_with("Err(NotFound"), "{}", steps.last().unwrap().1);
+    assert!(
+        steps.last().unwrap().1.starts_with("Err(NotFound"),
+        "{}",
+        steps.last().unwrap().1
+    );
     Ok(())
 }
 
@@ -199,7 +218,10 @@ async fn container_lifecycle(cri: &Cri, t: &mut Transcript) -> Result<()> {
     let mut container = ContainerSpec::new("app", &["sh", "-c", SCRIPT]);
     container.env.push(("GREETING".into(), "hi".into()));
     let created = cri.create_container(&pod, &container).await;
-    t.record("create", &created.as_ref().map(|_| ()).map_err(Status::clone));
+    t.record(
+        "create",
+        &created.as_ref().map(|_| ()).map_err(Status::clone),
+    );
     let id = created?;
     t.record("status created", &cri.container_status(&id, false).await);
     t.record("start", &cri.start_container(&id).await);
@@ -207,10 +229,15 @@ async fn container_lifecycle(cri: &Cri, t: &mut Transcript) -> Result<()> {
     t.record("list", &cri.list_containers(Some(&pod.id)).await);
 
     let exec = cri
-        .exec_sync(&id, &["sh", "-c", "echo out $GREETING; echo err >&2; exit 3"], 10)
+        .exec_sync(
+            &id,
+            &["sh", "-c", "echo out $GREETING; echo err >&2; exit 3"],
+            10,
+        )
         .await;
-    t.record("exec", &exec);
-    t.record("exec unknown binary", &cri.exec_sync(&id, &["/no/such"], 10).await);
+    t.record_text("exec", exec.map(readable));
+    let missing = cri.exec_sync(&id, &["/no/such"], 10).await;
+    t.record_text("exec unknown binary", missing.map(readable));
 
     let log_path = cri
         .container_status(&id, false)
@@ -221,11 +248,19 @@ async fn container_lifecycle(cri: &Cri, t: &mut Transcript) -> Result<()> {
     wait_for_log(&log_path, "oops").await?;
     t.record("stop", &cri.stop_container(&id, 10).await);
     t.record("status exited", &cri.container_status(&id, false).await);
-    let lines = read_log(log_path.as_ref())?;
-    let lines: Vec<String> = lines
+    let mut lines: Vec<String> = read_log(log_path.as_ref())?
         .iter()
-        .map(|l| format!("{} {} {}", l.stream, if l.partial { "P" } else { "F" }, l.message))
+        .map(|l| {
+            format!(
+                "{} {} {}",
+                l.stream,
+                if l.partial { "P" } else { "F" },
+                l.message
+            )
+        })
         .collect();
+    // Lines of one stream keep their order; the two streams interleave by chance.
+    lines.sort_by_key(|l| l.starts_with("stderr"));
     t.note("log", format!("{lines:#?}"));
     t.record("remove", &cri.remove_container(&id).await);
     t.record("status removed", &cri.container_status(&id, false).await);
@@ -233,10 +268,23 @@ async fn container_lifecycle(cri: &Cri, t: &mut Transcript) -> Result<()> {
     Ok(())
 }
 
+/// ExecSync output as text.
+fn readable(response: api::ExecSyncResponse) -> String {
+    format!(
+        "exit_code: {}, stdout: {:?}, stderr: {:?}",
+        response.exit_code,
+        String::from_utf8_lossy(&response.stdout),
+        String::from_utf8_lossy(&response.stderr)
+    )
+}
+
 async fn wait_for_log(path: &str, text: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        if std::fs::read_to_string(path).unwrap_or_default().contains(text) {
+        if std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .contains(text)
+        {
             return Ok(());
         }
         anyhow::ensure!(Instant::now() < deadline, "{path} never contained {text:?}");
@@ -255,11 +303,32 @@ async fn container_lifecycle_looks_the_same_through_the_proxy() -> Result<()> {
     // And what a user checks by hand, through the proxy.
     let steps: HashMap<String, String> = via_proxy.normalised().into_iter().collect();
     assert!(steps["exec"].contains("exit_code: 3"), "{}", steps["exec"]);
-    assert!(steps["exec"].contains("out hi"), "{}", steps["exec"]);
-    assert!(steps["status exited"].contains("ContainerExited"), "{}", steps["status exited"]);
-    assert!(steps["status exited"].contains("exit_code: 0"), "{}", steps["status exited"]);
+    assert!(
+        steps["exec"].contains(r#"stdout: "out hi\n""#),
+        "{}",
+        steps["exec"]
+    );
+    assert!(
+        steps["exec"].contains(r#"stderr: "err\n""#),
+        "{}",
+        steps["exec"]
+    );
+    assert!(
+        steps["status exited"].contains("ContainerExited"),
+        "{}",
+        steps["status exited"]
+    );
+    assert!(
+        steps["status exited"].contains("exit_code: 0"),
+        "{}",
+        steps["status exited"]
+    );
     for line in ["stdout F hello", "stderr F oops", "stdout F bye"] {
-        assert!(steps["log"].contains(line), "no {line:?} in {}", steps["log"]);
+        assert!(
+            steps["log"].contains(line),
+            "no {line:?} in {}",
+            steps["log"]
+        );
     }
     assert!(steps["status removed"].starts_with("Err(NotFound"));
     Ok(())
@@ -288,7 +357,10 @@ async fn images_look_the_same_through_the_proxy() -> Result<()> {
 
 /// Calls that name things that do not exist: the error must be containerd's, code and message.
 async fn unknown_ids(cri: &Cri, t: &mut Transcript) {
-    t.record("ContainerStatus", &cri.container_status("nope", false).await);
+    t.record(
+        "ContainerStatus",
+        &cri.container_status("nope", false).await,
+    );
     t.record("PodSandboxStatus", &cri.pod_status("nope", true).await);
     t.record("StartContainer", &cri.start_container("nope").await);
     t.record("StopContainer", &cri.stop_container("nope", 1).await);
@@ -342,7 +414,8 @@ async fn messages_over_ten_mebibytes_pass_both_ways() -> Result<()> {
     const BIG: usize = 10 * 1024 * 1024 + 4096;
     let mut spec = PodSpec::new("big");
     let value: String = (0..BIG).map(|i| (b'a' + (i % 26) as u8) as char).collect();
-    spec.annotations.insert("example.com/big".into(), value.clone());
+    spec.annotations
+        .insert("example.com/big".into(), value.clone());
     let config = s.via_proxy.pod_config(&spec);
     assert!(config.encoded_len() > BIG);
     let pod = s.via_proxy.run_pod_config(&spec, config).await?;
@@ -351,7 +424,10 @@ async fn messages_over_ten_mebibytes_pass_both_ways() -> Result<()> {
     let status = s.via_proxy.pod_status(&pod.id, false).await?;
     assert!(status.encoded_len() > BIG);
     let annotations = &status.status.as_ref().context("status")?.annotations;
-    assert!(annotations.get("example.com/big") == Some(&value), "annotation lost or changed");
+    assert!(
+        annotations.get("example.com/big") == Some(&value),
+        "annotation lost or changed"
+    );
     let listed = s.via_proxy.list_pods().await?;
     assert_eq!(listed.len(), 1);
     assert!(listed[0].annotations.get("example.com/big") == Some(&value));
@@ -370,8 +446,16 @@ async fn sigterm_exits_cleanly_and_removes_the_socket() -> Result<()> {
     assert!(socket.exists());
     let started = Instant::now();
     let status = s.proxy.terminate().await?;
-    assert!(status.success(), "exit status {status}; log:\n{}", s.proxy.log());
-    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    assert!(
+        status.success(),
+        "exit status {status}; log:\n{}",
+        s.proxy.log()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
     assert!(!socket.exists(), "{} left behind", socket.display());
     // containerd itself is untouched.
     s.direct.version().await?;
@@ -389,7 +473,10 @@ async fn containerd_down_is_unavailable_then_recovers_without_restart() -> Resul
     let error = s.via_proxy.version().await.unwrap_err();
     let elapsed = started.elapsed();
     assert_eq!(error.code(), Code::Unavailable, "{error:?}");
-    assert!(elapsed < Duration::from_secs(5), "UNAVAILABLE took {elapsed:?}");
+    assert!(
+        elapsed < Duration::from_secs(5),
+        "UNAVAILABLE took {elapsed:?}"
+    );
     // The proxy keeps serving (errors) and stays up.
     let again = s.via_proxy.list_pods().await.unwrap_err();
     assert_eq!(again.code(), Code::Unavailable, "{again:?}");
@@ -405,11 +492,17 @@ async fn containerd_down_is_unavailable_then_recovers_without_restart() -> Resul
                 failures.push(format!("{:?}: {}", e.code(), e.message()));
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            Err(e) => panic!("no recovery: {e:?}; earlier: {failures:?}; log:\n{}", s.proxy.log()),
+            Err(e) => panic!(
+                "no recovery: {e:?}; earlier: {failures:?}; log:\n{}",
+                s.proxy.log()
+            ),
         }
     };
     assert_eq!(version.runtime_name, "containerd");
-    assert!(failures.len() <= 1, "calls failed after containerd was back: {failures:?}");
+    assert!(
+        failures.len() <= 1,
+        "calls failed after containerd was back: {failures:?}"
+    );
     let pod = s.via_proxy.run_pod(&PodSpec::new("after-restart")).await?;
     s.via_proxy.stop_pod(&pod.id).await?;
     s.via_proxy.remove_pod(&pod.id).await?;

@@ -53,7 +53,10 @@ async fn mountinfo_fields(cri: &Cri, id: &str, mount_point: &str) -> Result<Stri
         .find(|l| l.split(' ').nth(4) == Some(mount_point))
         .with_context(|| format!("no {mount_point} in the container's mountinfo:\n{table}"))?;
     let fields: Vec<&str> = line.split(' ').collect();
-    let dash = fields.iter().position(|f| *f == "-").context("no separator")?;
+    let dash = fields
+        .iter()
+        .position(|f| *f == "-")
+        .context("no separator")?;
     Ok(fields[6..dash].join(" "))
 }
 
@@ -67,7 +70,11 @@ async fn fs_size(cri: &Cri, id: &str, path: &str) -> Result<u64> {
 }
 
 async fn decision(cri: &Cri, id: &str) -> Result<Option<String>> {
-    let status = cri.container_status(id, false).await?.status.context("status")?;
+    let status = cri
+        .container_status(id, false)
+        .await?
+        .status
+        .context("status")?;
     Ok(status.annotations.get(DECISION).cloned())
 }
 
@@ -77,9 +84,27 @@ async fn rootfs_sees_later_host_mounts_through_the_proxy_only() -> Result<()> {
     let proxy = ProxyProcess::start(&node, "").await?;
     let via_proxy = proxy.cri().await?;
     let direct = node.cri().await?;
-    let mounts = || vec![host_mount("/", "/rootfs", MountPropagation::PropagationPrivate)];
-    let (_, proxied) = run_with_mounts(&via_proxy, PodSpec::new("node-exporter-a"), "exporter", mounts()).await?;
-    let (_, plain) = run_with_mounts(&direct, PodSpec::new("node-exporter-b"), "exporter", mounts()).await?;
+    let mounts = || {
+        vec![host_mount(
+            "/",
+            "/rootfs",
+            MountPropagation::PropagationPrivate,
+        )]
+    };
+    let (_, proxied) = run_with_mounts(
+        &via_proxy,
+        PodSpec::new("node-exporter-a"),
+        "exporter",
+        mounts(),
+    )
+    .await?;
+    let (_, plain) = run_with_mounts(
+        &direct,
+        PodSpec::new("node-exporter-b"),
+        "exporter",
+        mounts(),
+    )
+    .await?;
 
     // The host mounts a 50 MiB volume after both containers started.
     let late = node.temp_dir().join("late-volume");
@@ -94,17 +119,32 @@ async fn rootfs_sees_later_host_mounts_through_the_proxy_only() -> Result<()> {
 
     let proxied_size = fs_size(&via_proxy, &proxied, &inside).await?;
     let plain_size = fs_size(&direct, &plain, &inside).await?;
-    assert_eq!(proxied_size, 50 << 20, "through dockhand the volume's own size shows");
-    assert_ne!(plain_size, 50 << 20, "directly, containerd's rprivate hides the volume");
+    assert_eq!(
+        proxied_size,
+        50 << 20,
+        "through dockhand the volume's own size shows"
+    );
+    assert_ne!(
+        plain_size,
+        50 << 20,
+        "directly, containerd's rprivate hides the volume"
+    );
     assert!(
-        mountinfo_fields(&via_proxy, &proxied, "/rootfs").await?.contains("master:"),
+        mountinfo_fields(&via_proxy, &proxied, "/rootfs")
+            .await?
+            .contains("master:"),
         "/rootfs is a slave mount through dockhand"
     );
     assert!(
-        !mountinfo_fields(&direct, &plain, "/rootfs").await?.contains("master:"),
+        !mountinfo_fields(&direct, &plain, "/rootfs")
+            .await?
+            .contains("master:"),
         "/rootfs is private directly"
     );
-    assert_eq!(decision(&via_proxy, &proxied).await?.as_deref(), Some("/rootfs=rslave"));
+    assert_eq!(
+        decision(&via_proxy, &proxied).await?.as_deref(),
+        Some("/rootfs=rslave")
+    );
     assert_eq!(decision(&direct, &plain).await?, None);
 
     let _ = node.ns_command("umount").arg(&late).status();
@@ -125,21 +165,39 @@ async fn private_host_root_falls_back_instead_of_failing() -> Result<()> {
     // What the upstream fix (asking for HostToContainer) does on such a host: an error.
     let pod = direct.run_pod(&PodSpec::new("explicit")).await?;
     let mut spec = ContainerSpec::sleeper("exporter");
-    spec.mounts = vec![host_mount("/", "/rootfs", MountPropagation::PropagationHostToContainer)];
+    spec.mounts = vec![host_mount(
+        "/",
+        "/rootfs",
+        MountPropagation::PropagationHostToContainer,
+    )];
     let err = direct.create_container(&pod, &spec).await.unwrap_err();
-    assert!(err.message().contains("not a shared or slave mount"), "{err:?}");
+    assert!(
+        err.message().contains("not a shared or slave mount"),
+        "{err:?}"
+    );
 
     // Through dockhand the same pod with no propagation runs, private, and says why.
     let (_, id) = run_with_mounts(
         &via_proxy,
         PodSpec::new("node-exporter"),
         "exporter",
-        vec![host_mount("/", "/rootfs", MountPropagation::PropagationPrivate)],
+        vec![host_mount(
+            "/",
+            "/rootfs",
+            MountPropagation::PropagationPrivate,
+        )],
     )
     .await?;
-    let state = via_proxy.container_status(&id, false).await?.status.context("status")?.state;
+    let state = via_proxy
+        .container_status(&id, false)
+        .await?
+        .status
+        .context("status")?
+        .state;
     assert_eq!(state, cri::ContainerState::ContainerRunning as i32);
-    assert!(!mountinfo_fields(&via_proxy, &id, "/rootfs").await?.contains("master:"));
+    assert!(!mountinfo_fields(&via_proxy, &id, "/rootfs")
+        .await?
+        .contains("master:"));
     assert_eq!(
         decision(&via_proxy, &id).await?.as_deref(),
         Some("/rootfs=private(host mount private)")
@@ -180,8 +238,16 @@ async fn rule_boundaries_opt_out_and_explicit_modes() -> Result<()> {
             host_mount(&path(&tmp.join("link")), "/linked", private),
             host_mount(&path(&extra.join("sub")), "/extra", private),
             host_mount(&path(&tmp.join("elsewhere")), "/elsewhere", private),
-            host_mount("/", "/explicit-slave", MountPropagation::PropagationHostToContainer),
-            host_mount("/", "/explicit-shared", MountPropagation::PropagationBidirectional),
+            host_mount(
+                "/",
+                "/explicit-slave",
+                MountPropagation::PropagationHostToContainer,
+            ),
+            host_mount(
+                "/",
+                "/explicit-shared",
+                MountPropagation::PropagationBidirectional,
+            ),
             host_mount(&path(&tmp.join("var")), "/var-ancestor", private),
         ],
     )
@@ -190,27 +256,35 @@ async fn rule_boundaries_opt_out_and_explicit_modes() -> Result<()> {
         decision(&cri, &id).await?.as_deref(),
         Some("/linked=rslave, /extra=rslave, /var-ancestor=rslave")
     );
-    assert!(!mountinfo_fields(&cri, &id, "/doc").await?.contains("master:"));
-    assert!(!mountinfo_fields(&cri, &id, "/elsewhere").await?.contains("master:"));
+    assert!(!mountinfo_fields(&cri, &id, "/doc")
+        .await?
+        .contains("master:"));
+    assert!(!mountinfo_fields(&cri, &id, "/elsewhere")
+        .await?
+        .contains("master:"));
     for slave in ["/linked", "/extra", "/var-ancestor", "/explicit-slave"] {
-        assert!(mountinfo_fields(&cri, &id, slave).await?.contains("master:"), "{slave}");
+        assert!(
+            mountinfo_fields(&cri, &id, slave)
+                .await?
+                .contains("master:"),
+            "{slave}"
+        );
     }
-    assert!(mountinfo_fields(&cri, &id, "/explicit-shared").await?.contains("shared:"));
+    assert!(mountinfo_fields(&cri, &id, "/explicit-shared")
+        .await?
+        .contains("shared:"));
 
     // A pod that opts out keeps what it asked for.
     let mut opted = PodSpec::new("opted-out");
     opted
         .annotations
         .insert("dockhand.io/mount-propagation".into(), "keep".into());
-    let (_, kept) = run_with_mounts(
-        &cri,
-        opted,
-        "c",
-        vec![host_mount("/", "/rootfs", private)],
-    )
-    .await?;
+    let (_, kept) =
+        run_with_mounts(&cri, opted, "c", vec![host_mount("/", "/rootfs", private)]).await?;
     assert_eq!(decision(&cri, &kept).await?, None);
-    assert!(!mountinfo_fields(&cri, &kept, "/rootfs").await?.contains("master:"));
+    assert!(!mountinfo_fields(&cri, &kept, "/rootfs")
+        .await?
+        .contains("master:"));
     Ok(())
 }
 
@@ -223,11 +297,17 @@ async fn dry_run_changes_nothing_but_says_what_it_would_do() -> Result<()> {
         &cri,
         PodSpec::new("dry"),
         "c",
-        vec![host_mount("/", "/rootfs", MountPropagation::PropagationPrivate)],
+        vec![host_mount(
+            "/",
+            "/rootfs",
+            MountPropagation::PropagationPrivate,
+        )],
     )
     .await?;
     assert_eq!(decision(&cri, &id).await?, None);
-    assert!(!mountinfo_fields(&cri, &id, "/rootfs").await?.contains("master:"));
+    assert!(!mountinfo_fields(&cri, &id, "/rootfs")
+        .await?
+        .contains("master:"));
     let log = proxy.log();
     assert!(
         log.contains("bind mount gets rslave") && log.contains("dry_run=true"),
@@ -258,7 +338,11 @@ async fn hostile_requests_get_containerds_own_answer() -> Result<()> {
         let mut spec_direct = spec.clone();
         spec_direct.name = "d".into();
         let plain = direct.create_container(&pod, &spec_direct).await;
-        assert_eq!(through.is_ok(), plain.is_ok(), "{host:?}: {through:?} vs {plain:?}");
+        assert_eq!(
+            through.is_ok(),
+            plain.is_ok(),
+            "{host:?}: {through:?} vs {plain:?}"
+        );
         if let Ok(id) = through {
             assert_eq!(decision(&via_proxy, &id).await?, None);
         }

@@ -110,7 +110,10 @@ mod tests {
 
     #[test]
     fn malformed_bodies_are_reported() {
-        assert_eq!(unframe(&Bytes::from_static(&[0, 0])), Err(FrameError::Truncated(2)));
+        assert_eq!(
+            unframe(&Bytes::from_static(&[0, 0])),
+            Err(FrameError::Truncated(2))
+        );
         assert_eq!(
             unframe(&Bytes::from_static(&[0, 0, 0, 0, 3, 1])),
             Err(FrameError::Truncated(6))

@@ -109,7 +109,9 @@ pub struct PodRef {
 pub enum Placement {
     /// cgroup v1 (and hybrid): one directory per controller hierarchy, keyed by the hierarchy's
     /// controllers as `/proc/<pid>/cgroup` lists them (`memory`, `cpu,cpuacct`, ...).
-    V1 { controllers: BTreeMap<String, PathBuf> },
+    V1 {
+        controllers: BTreeMap<String, PathBuf>,
+    },
     /// cgroup v2: the single directory.
     V2 { path: PathBuf },
 }
@@ -457,7 +459,9 @@ pub fn actual_placement(mounts: &CgroupMounts, entries: &[ProcEntry]) -> Placeme
             .iter()
             .filter(|m| m.is_resource())
             .filter_map(|m| {
-                let entry = entries.iter().find(|e| same_set(&e.controllers, &m.controllers))?;
+                let entry = entries
+                    .iter()
+                    .find(|e| same_set(&e.controllers, &m.controllers))?;
                 Some((m.controllers.join(","), m.dir_of(&entry.path)))
             })
             .collect();
@@ -748,10 +752,8 @@ mod tests {
 
     /// A fresh fixture directory under the system temp dir.
     fn fixture_dir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "dockhand-record-{}-{name}",
-            std::process::id()
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("dockhand-record-{}-{name}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         dir
@@ -811,8 +813,14 @@ mod tests {
     #[test]
     fn cgroupfs_paths_are_taken_as_given() {
         let cases = [
-            (format!("/kubepods/burstable/podabc/{ID}"), Some(QosClass::Burstable)),
-            (format!("/kubepods/besteffort/podabc/{ID}"), Some(QosClass::BestEffort)),
+            (
+                format!("/kubepods/burstable/podabc/{ID}"),
+                Some(QosClass::Burstable),
+            ),
+            (
+                format!("/kubepods/besteffort/podabc/{ID}"),
+                Some(QosClass::BestEffort),
+            ),
             (format!("/kubepods/podabc/{ID}"), Some(QosClass::Guaranteed)),
             (format!("/dockhand-test/{ID}"), None),
         ];
@@ -827,7 +835,14 @@ mod tests {
 
     #[test]
     fn malformed_cgroups_paths_are_refused() {
-        for bad in ["", "a:b", "a:b:c:d", "kubepods:cri:x", "/kubepods/../etc", "x.slice:p:"] {
+        for bad in [
+            "",
+            "a:b",
+            "a:b:c:d",
+            "kubepods:cri:x",
+            "/kubepods/../etc",
+            "x.slice:p:",
+        ] {
             assert!(cgroup_rel_path(bad).is_err(), "{bad:?} accepted");
         }
     }
@@ -843,7 +858,11 @@ mod tests {
             panic!("hybrid host must resolve as v1: {expected:?}");
         };
         let keys: Vec<&str> = controllers.keys().map(String::as_str).collect();
-        assert_eq!(keys, ["cpu,cpuacct", "memory", "pids"], "named hierarchies are skipped");
+        assert_eq!(
+            keys,
+            ["cpu,cpuacct", "memory", "pids"],
+            "named hierarchies are skipped"
+        );
         assert_eq!(controllers["memory"], root.join("memory").join(&rel[1..]));
         for (_, dir) in expected.dirs() {
             fs::create_dir_all(dir).unwrap();
@@ -886,9 +905,12 @@ mod tests {
         assert_eq!(
             actual_placement(&mounts, &entries),
             Placement::V1 {
-                controllers: [("memory".to_string(), PathBuf::from("/sys/fs/cgroup/memory/abc"))]
-                    .into_iter()
-                    .collect()
+                controllers: [(
+                    "memory".to_string(),
+                    PathBuf::from("/sys/fs/cgroup/memory/abc")
+                )]
+                .into_iter()
+                .collect()
             }
         );
     }
@@ -902,8 +924,10 @@ mod tests {
         );
         let mounts = CgroupMounts::parse(&mountinfo);
         assert!(!mounts.is_v1());
-        let (_, rel) =
-            cgroup_rel_path(&format!("kubepods-burstable-podu.slice:cri-containerd:{ID}")).unwrap();
+        let (_, rel) = cgroup_rel_path(&format!(
+            "kubepods-burstable-podu.slice:cri-containerd:{ID}"
+        ))
+        .unwrap();
         let expected = mounts.expected_placement(&rel);
         let dir = root.join(&rel[1..]);
         assert_eq!(expected, Placement::V2 { path: dir.clone() });
@@ -954,7 +978,10 @@ mod tests {
         let path = write(&dir, &record).unwrap();
         assert_eq!(path, dir.join(format!("{ID}.json")));
         assert_eq!(read(&dir, ID).unwrap(), Some(record.clone()));
-        let names: Vec<_> = fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names.len(), 1, "no temp file left: {names:?}");
         let json: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
         assert_eq!(json["version"], 1);
@@ -962,15 +989,28 @@ mod tests {
         assert_eq!(json["cgroupsPath"], format!("/kubepods/podu/{ID}"));
 
         for bad in ["../x", "ABC", &ID[..63], &format!("{}G", &ID[..63])] {
-            assert!(matches!(read(&dir, bad), Err(RecordError::InvalidId { .. })));
-            assert!(matches!(remove(&dir, bad), Err(RecordError::InvalidId { .. })));
+            assert!(matches!(
+                read(&dir, bad),
+                Err(RecordError::InvalidId { .. })
+            ));
+            assert!(matches!(
+                remove(&dir, bad),
+                Err(RecordError::InvalidId { .. })
+            ));
         }
 
         let other = ID.replace('0', "f");
         assert_eq!(read(&dir, &other).unwrap(), None);
         std::os::unix::fs::symlink(&path, dir.join(format!("{other}.json"))).unwrap();
-        assert!(matches!(read(&dir, &other), Err(RecordError::NotRegular { .. })));
-        assert_eq!(list(&dir).unwrap().len(), 2, "one record, one refused symlink");
+        assert!(matches!(
+            read(&dir, &other),
+            Err(RecordError::NotRegular { .. })
+        ));
+        assert_eq!(
+            list(&dir).unwrap().len(),
+            2,
+            "one record, one refused symlink"
+        );
 
         remove(&dir, ID).unwrap();
         remove(&dir, ID).unwrap();
@@ -984,7 +1024,10 @@ mod tests {
         ));
 
         fs::write(dir.join(format!("{ID}.json")), br#"{"version": 9}"#).unwrap();
-        assert!(matches!(read(&dir, ID), Err(RecordError::Version { found: 9, .. })));
+        assert!(matches!(
+            read(&dir, ID),
+            Err(RecordError::Version { found: 9, .. })
+        ));
         fs::remove_dir_all(dir.parent().unwrap()).unwrap();
     }
 }

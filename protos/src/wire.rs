@@ -347,7 +347,14 @@ pub fn map_entry(key: &str, value: &str) -> Vec<u8> {
 /// go to the end of their message in edit order.
 pub fn apply(message: &[u8], edits: &[Edit]) -> Result<Vec<u8>, WireError> {
     let root = Node::build(edits)?;
-    let mut out = Vec::with_capacity(message.len() + 64 * edits.len());
+    let added: usize = edits
+        .iter()
+        .map(|e| match &e.op {
+            Op::Append { value, .. } => value.len() + 16,
+            Op::SetVarint { .. } => 16,
+        })
+        .sum();
+    let mut out = Vec::with_capacity(message.len() + added + 8 * edits.len());
     rewrite(message, 0, &root, &mut out)?;
     Ok(out)
 }
@@ -478,30 +485,23 @@ enum Action<'n, 'e> {
 
 /// Writes `message` (found at `base` in the outermost message) with `node`'s edits to `out`.
 fn rewrite(message: &[u8], base: usize, node: &Node, out: &mut Vec<u8>) -> Result<(), WireError> {
-    // Validate every field; remember the ones the edits name.
-    let mut hits: Vec<Field> = Vec::new();
+    // Validate every field; remember the ones the edits name, with their ordinal among the
+    // occurrences of their field number. Counts are per entry of `wanted`, so the work stays
+    // linear however often a field repeats.
+    let mut hits: Vec<(Field, usize)> = Vec::new();
+    let mut counts = vec![0usize; node.wanted.len()];
     for field in Fields::new(message, base) {
         let field = field?;
-        if node.wanted.binary_search(&field.number).is_ok() {
-            hits.push(field);
+        if let Ok(w) = node.wanted.binary_search(&field.number) {
+            hits.push((field, counts[w]));
+            counts[w] += 1;
         }
     }
-    let count = |number: u32| hits.iter().filter(|h| h.number == number).count();
+    let count = |number: u32| node.wanted.binary_search(&number).map_or(0, |w| counts[w]);
 
     let mut actions: Vec<Action> = Vec::with_capacity(hits.len());
-    let mut seen: Vec<(u32, usize)> = Vec::with_capacity(node.wanted.len());
-    for hit in &hits {
-        let offset = base + hit.tag.start;
-        let ordinal = match seen.iter_mut().find(|(f, _)| *f == hit.number) {
-            Some((_, n)) => {
-                *n += 1;
-                *n - 1
-            }
-            None => {
-                seen.push((hit.number, 1));
-                0
-            }
-        };
+    for (hit, ordinal) in &hits {
+        let (offset, ordinal) = (base + hit.tag.start, *ordinal);
         let action = if let Some(&(_, value)) = node.sets.iter().find(|(f, _)| *f == hit.number) {
             if hit.wire_type != WireType::Varint {
                 return Err(WireError::NotAVarint {
@@ -562,7 +562,7 @@ fn rewrite(message: &[u8], base: usize, node: &Node, out: &mut Vec<u8>) -> Resul
 
     // Copy, splicing in the edited fields.
     let mut copied = 0;
-    for (hit, action) in hits.iter().zip(&actions) {
+    for ((hit, _), action) in hits.iter().zip(&actions) {
         if matches!(action, Action::Keep) {
             continue;
         }

@@ -405,12 +405,10 @@ impl Archive {
                 self.remember_status(&id, &reply);
                 reply
             }
-            Code::NotFound if self.config.serve_kubelet => {
-                match self.archived_status(&id).await {
-                    Some(message) => Reply::ok(&message),
-                    None => reply,
-                }
-            }
+            Code::NotFound if self.config.serve_kubelet => match self.archived_status(&id).await {
+                Some(message) => Reply::ok(&message),
+                None => reply,
+            },
             _ => reply,
         }
     }
@@ -676,7 +674,11 @@ impl Archive {
         }
     }
 
-    fn archive_generation(&self, meta: &ContainerMeta, generation: u32) -> Result<(), ArchiveError> {
+    fn archive_generation(
+        &self,
+        meta: &ContainerMeta,
+        generation: u32,
+    ) -> Result<(), ArchiveError> {
         let id = &meta.id;
         let mut file = self.staging.open_generation(id, generation)?;
         self.pause("before_compress");
@@ -740,7 +742,7 @@ impl Archive {
                 .and_then(|fd| nofollow::free_percent(std::os::fd::AsFd::as_fd(&fd)))
                 .ok();
             let Some((id, reason)) =
-                retention::next_drop(&candidates, store::now_seconds(), &policy, free)
+                retention::next_drop(&candidates, store::now_nanos(), &policy, free)
             else {
                 break;
             };
@@ -799,7 +801,9 @@ impl Archive {
                     self.state().pending.insert(id.clone());
                     self.queue(Job::Finalize { id, meta: None });
                 }
-                Err(e) => tracing::warn!(container_id = %id, error = %e, "cannot reconcile a staged container"),
+                Err(e) => {
+                    tracing::warn!(container_id = %id, error = %e, "cannot reconcile a staged container")
+                }
             }
         }
         let listed: Result<ListContainersResponse, _> = self

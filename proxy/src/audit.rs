@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use dockhand_protos::cri::{
-    ContainerState, ContainerStateValue, ContainerStatusRequest, ListContainersRequest,
-    ContainerFilter, Mount, MountPropagation,
+    ContainerFilter, ContainerState, ContainerStateValue, ContainerStatusRequest,
+    ListContainersRequest, Mount, MountPropagation,
 };
 use serde::Serialize;
 
@@ -54,8 +54,12 @@ pub fn findings_for(
     let decision = annotations.get(DECISION_ANNOTATION);
     let decided = |path: &str, what: &str| {
         decision.is_some_and(|text| {
-            text.split(", ")
-                .any(|entry| entry.strip_prefix(path).and_then(|r| r.strip_prefix('=')).is_some_and(|r| r.starts_with(what)))
+            text.split(", ").any(|entry| {
+                entry
+                    .strip_prefix(path)
+                    .and_then(|r| r.strip_prefix('='))
+                    .is_some_and(|r| r.starts_with(what))
+            })
         })
     };
     let label = |key: &str| labels.get(key).cloned().unwrap_or_default();
@@ -97,7 +101,10 @@ pub fn findings_for(
 }
 
 pub async fn propagation(args: PropagationArgs) -> anyhow::Result<()> {
-    let config = Config::load(&args.config, args.config.as_path() != std::path::Path::new(DEFAULT_CONFIG_PATH))?;
+    let config = Config::load(
+        &args.config,
+        args.config.as_path() != std::path::Path::new(DEFAULT_CONFIG_PATH),
+    )?;
     let rule = Rule::new(&config.propagation);
     let mut client = crate::cri_client::connect(&args.socket).await?;
     let containers = client

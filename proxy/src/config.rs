@@ -146,32 +146,52 @@ impl ArchiveConfig {
             if !path.is_absolute() {
                 return invalid(key, format!("{} is not an absolute path", path.display()));
             }
-            if path.components().any(|c| !matches!(c, std::path::Component::RootDir | std::path::Component::Normal(_))) {
-                return invalid(key, format!("{} has '.' or '..' components", path.display()));
+            if path.components().any(|c| {
+                !matches!(
+                    c,
+                    std::path::Component::RootDir | std::path::Component::Normal(_)
+                )
+            }) {
+                return invalid(
+                    key,
+                    format!("{} has '.' or '..' components", path.display()),
+                );
             }
         }
         for (i, (key, a)) in paths.iter().enumerate() {
             for (other, b) in &paths[i + 1..] {
                 if a.starts_with(b) || b.starts_with(a) {
-                    return invalid(key, format!("{} overlaps {other} {}", a.display(), b.display()));
+                    return invalid(
+                        key,
+                        format!("{} overlaps {other} {}", a.display(), b.display()),
+                    );
                 }
             }
         }
         // kubelet deletes everything matching `<log_path>*`: no glob characters in the path.
         let restored = self.restored_dir.to_string_lossy();
         if restored.contains(['*', '?', '[', ']', '\\']) {
-            return invalid("archive.restored_dir", format!("{restored} contains glob characters"));
+            return invalid(
+                "archive.restored_dir",
+                format!("{restored} contains glob characters"),
+            );
         }
         for kubelet_dir in ["/var/log/pods", "/var/log/containers"] {
             if self.restored_dir.starts_with(kubelet_dir) {
-                return invalid("archive.restored_dir", format!("{restored} is under kubelet's {kubelet_dir}"));
+                return invalid(
+                    "archive.restored_dir",
+                    format!("{restored} is under kubelet's {kubelet_dir}"),
+                );
             }
         }
         if self.min_free_percent > 100 {
             return invalid("archive.min_free_percent", "must be at most 100".into());
         }
         if !(1..=19).contains(&self.compression_level) {
-            return invalid("archive.compression_level", "must be between 1 and 19".into());
+            return invalid(
+                "archive.compression_level",
+                "must be between 1 and 19".into(),
+            );
         }
         Ok(())
     }
@@ -252,7 +272,10 @@ mod tests {
         assert_eq!(config.listen, PathBuf::from(DEFAULT_LISTEN));
         assert_eq!(config.containerd, PathBuf::from(DEFAULT_CONTAINERD));
         assert_eq!(config.propagation.mode, PropagationMode::Enforce);
-        assert_eq!(config.propagation.docker_root, PathBuf::from("/var/lib/docker"));
+        assert_eq!(
+            config.propagation.docker_root,
+            PathBuf::from("/var/lib/docker")
+        );
         config.validate().unwrap();
     }
 
@@ -282,7 +305,11 @@ mod tests {
         assert!(toml::from_str::<Config>("lisen = \"/x\"").is_err());
         assert!(toml::from_str::<Config>("[propagation]\nmode = \"sometimes\"").is_err());
         let config: Config = toml::from_str("listen = \"relative.sock\"").unwrap();
-        assert!(config.validate().unwrap_err().to_string().contains("listen"));
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("listen"));
         let config: Config = toml::from_str("metrics_address = \"0.0.0.0:9337\"").unwrap();
         assert!(config.validate().is_err());
     }

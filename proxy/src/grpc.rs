@@ -124,8 +124,8 @@ mod tests {
 
     #[tokio::test]
     async fn error_reply_keeps_code_and_message() {
-        let reply = Reply::collect(Reply::error(Status::not_found("no such thing")).into_response())
-            .await;
+        let reply =
+            Reply::collect(Reply::error(Status::not_found("no such thing")).into_response()).await;
         let status = reply.status();
         assert_eq!(status.code(), Code::NotFound);
         assert_eq!(status.message(), "no such thing");

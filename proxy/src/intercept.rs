@@ -84,7 +84,10 @@ impl UnaryCall {
     /// Forwards `message` (the original or an edited copy) with the caller's headers.
     pub async fn forward(&self, message: &[u8]) -> Reply {
         let body = Body::new(Full::new(dockhand_protos::codec::frame(message)));
-        let response = self.upstream.send(request_with_body(&self.head, body)).await;
+        let response = self
+            .upstream
+            .send(request_with_body(&self.head, body))
+            .await;
         Reply::collect(response).await
     }
 
@@ -147,7 +150,10 @@ mod tests {
             lookup("/runtime.v1.RuntimeService/CreateContainer"),
             Some(Intercepted::CreateContainer)
         );
-        assert_eq!(lookup("/runtime.v1alpha2.RuntimeService/CreateContainer"), None);
+        assert_eq!(
+            lookup("/runtime.v1alpha2.RuntimeService/CreateContainer"),
+            None
+        );
         assert_eq!(lookup("/runtime.v1.RuntimeService/Version"), None);
         assert_eq!(lookup("/runtime.v1.RuntimeService/createcontainer"), None);
     }

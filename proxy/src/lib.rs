@@ -26,7 +26,6 @@ pub mod cri_client;
 pub mod grpc;
 pub mod intercept;
 pub mod metrics;
-#[path = "/tmp/mountinfo_stub.rs"]
 pub mod mountinfo;
 pub mod propagation;
 pub mod server;

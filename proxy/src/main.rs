@@ -13,7 +13,11 @@ use dockhand::{audit, server};
 const EXIT_CONFIG: u8 = 64;
 
 #[derive(Parser)]
-#[command(name = "dockhand", version, about = "Move a Kubernetes node from Docker to containerd without its workloads noticing")]
+#[command(
+    name = "dockhand",
+    version,
+    about = "Move a Kubernetes node from Docker to containerd without its workloads noticing"
+)]
 struct Cli {
     /// Log filter (tracing's env-filter syntax); RUST_LOG wins when set.
     #[arg(long, global = true, default_value = "info")]
@@ -29,6 +33,8 @@ enum Command {
     /// Find what would break after a migration without dockhand.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// List archived containers, or print one's logs like `kubectl logs`.
+    Logs(dockhand::archive::logs_cmd::LogsArgs),
 }
 
 #[derive(clap::Args)]
@@ -60,6 +66,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
@@ -71,9 +78,13 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Proxy(args) => proxy(args).await,
-            Command::Audit(AuditCommand::Propagation(args)) => audit::propagation(args)
-                .await
-                .map(|()| ExitCode::SUCCESS),
+            Command::Audit(AuditCommand::Propagation(args)) => {
+                audit::propagation(args).await.map(|()| ExitCode::SUCCESS)
+            }
+            Command::Logs(args) => {
+                dockhand::archive::logs_cmd::run(&args, &mut std::io::stdout().lock())
+                    .map(|()| ExitCode::SUCCESS)
+            }
         }
     });
     match result {
@@ -94,7 +105,7 @@ async fn proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let mut registry = prometheus_client::registry::Registry::default();
-    let proxy = server::Proxy::new(&config, &mut registry);
+    let proxy = server::Proxy::try_new(&config, &mut registry)?;
     let listener = server::bind(&config.listen)?;
     tracing::info!(
         listen = %config.listen.display(),

@@ -25,14 +25,41 @@ use crate::grpc::head_code;
 
 /// CRI methods by name; any other path is counted as `other` so callers cannot grow the label set.
 const CRI_METHODS: &[&str] = &[
-    "Version", "RunPodSandbox", "StopPodSandbox", "RemovePodSandbox", "PodSandboxStatus",
-    "ListPodSandbox", "CreateContainer", "StartContainer", "StopContainer", "RemoveContainer",
-    "ListContainers", "ContainerStatus", "UpdateContainerResources", "ReopenContainerLog",
-    "ExecSync", "Exec", "Attach", "PortForward", "ContainerStats", "ListContainerStats",
-    "PodSandboxStats", "ListPodSandboxStats", "UpdateRuntimeConfig", "Status",
-    "CheckpointContainer", "GetContainerEvents", "ListMetricDescriptors", "ListPodSandboxMetrics",
-    "RuntimeConfig", "UpdatePodSandboxResources", "ListImages", "ImageStatus", "PullImage",
-    "RemoveImage", "ImageFsInfo",
+    "Version",
+    "RunPodSandbox",
+    "StopPodSandbox",
+    "RemovePodSandbox",
+    "PodSandboxStatus",
+    "ListPodSandbox",
+    "CreateContainer",
+    "StartContainer",
+    "StopContainer",
+    "RemoveContainer",
+    "ListContainers",
+    "ContainerStatus",
+    "UpdateContainerResources",
+    "ReopenContainerLog",
+    "ExecSync",
+    "Exec",
+    "Attach",
+    "PortForward",
+    "ContainerStats",
+    "ListContainerStats",
+    "PodSandboxStats",
+    "ListPodSandboxStats",
+    "UpdateRuntimeConfig",
+    "Status",
+    "CheckpointContainer",
+    "GetContainerEvents",
+    "ListMetricDescriptors",
+    "ListPodSandboxMetrics",
+    "RuntimeConfig",
+    "UpdatePodSandboxResources",
+    "ListImages",
+    "ImageStatus",
+    "PullImage",
+    "RemoveImage",
+    "ImageFsInfo",
 ];
 
 /// The metric label for a request path.
@@ -66,9 +93,8 @@ pub struct CriMetrics {
 impl CriMetrics {
     pub fn register(registry: &mut Registry) -> CriMetrics {
         let requests = Family::<CallLabels, Counter>::default();
-        let duration: DurationFamily = Family::new_with_constructor(|| {
-            Histogram::new(exponential_buckets(0.000_05, 2.0, 20))
-        });
+        let duration: DurationFamily =
+            Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.000_05, 2.0, 20)));
         registry.register(
             "dockhand_cri_requests",
             "CRI calls through the proxy by method and gRPC code",
@@ -297,7 +323,9 @@ fn metrics_response(path: &str, registry: &Registry) -> http::Response<Full<byte
     let mut response = http::Response::new(Full::new(text.into()));
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        http::HeaderValue::from_static(
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
     );
     response
 }
@@ -308,9 +336,18 @@ mod tests {
 
     #[test]
     fn labels_are_bounded() {
-        assert_eq!(method_label("/runtime.v1.RuntimeService/Version"), "Version");
-        assert_eq!(method_label("/runtime.v1.ImageService/ListImages"), "ListImages");
-        assert_eq!(method_label("/runtime.v1.RuntimeService/NoSuchMethod"), "other");
+        assert_eq!(
+            method_label("/runtime.v1.RuntimeService/Version"),
+            "Version"
+        );
+        assert_eq!(
+            method_label("/runtime.v1.ImageService/ListImages"),
+            "ListImages"
+        );
+        assert_eq!(
+            method_label("/runtime.v1.RuntimeService/NoSuchMethod"),
+            "other"
+        );
         assert_eq!(method_label("/evil.Service/Version"), "other");
     }
 

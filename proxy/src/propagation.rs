@@ -120,7 +120,9 @@ pub fn decide<E: fmt::Display>(
         .map(|(index, mount, source)| {
             let decision = match &table {
                 Err(_) => Decision::KeepPrivate("host mount table unreadable"),
-                Ok(table) => match table.containing(&source).map(|e| e.propagation) {
+                // The mount containerd itself will check (its `mount.Lookup` rule), so that dockhand
+                // never asks for rslave where containerd would refuse it.
+                Ok(table) => match table.containerd_lookup(&source).map(|e| e.propagation) {
                     Some(mountinfo::Propagation::Shared) | Some(mountinfo::Propagation::Slave) => {
                         Decision::Rslave
                     }
@@ -203,7 +205,10 @@ pub fn edits(decisions: &[MountDecision]) -> Vec<Edit> {
         .iter()
         .filter(|d| d.decision == Decision::Rslave)
         .map(|d| Edit {
-            path: vec![Step::Field(CREATE_CONFIG), Step::Item(CONFIG_MOUNTS, d.index)],
+            path: vec![
+                Step::Field(CREATE_CONFIG),
+                Step::Item(CONFIG_MOUNTS, d.index),
+            ],
             op: Op::SetVarint {
                 field: MOUNT_PROPAGATION,
                 value: MountPropagation::PropagationHostToContainer as u64,
@@ -284,9 +289,7 @@ impl Propagation {
         let _enter = span.enter();
 
         let decisions = decide(&self.rule, &config.mounts, || {
-            std::fs::read_to_string(&self.mountinfo)
-                .map_err(|e| format!("{}: {e}", self.mountinfo.display()))
-                .and_then(|text| MountTable::parse(&text).map_err(|e| e.to_string()))
+            MountTable::read_from(&self.mountinfo)
         });
         if decisions.is_empty() {
             return call.forward_unchanged().await;
@@ -297,7 +300,10 @@ impl Propagation {
             .and_then(|s| s.annotations.get(OPT_OUT_ANNOTATION))
             .is_some_and(|v| v == OPT_OUT_VALUE);
         if opted_out {
-            tracing::info!(mounts = decisions.len(), "pod opted out; mounts kept as requested");
+            tracing::info!(
+                mounts = decisions.len(),
+                "pod opted out; mounts kept as requested"
+            );
             self.count("opted_out", decisions.len());
             return call.forward_unchanged().await;
         }

@@ -65,7 +65,8 @@ fn serve(config: &Config) -> Result<ExitCode> {
         .context("tokio runtime")?;
     let stopped = runtime.block_on(async {
         let listener = tokio::net::UnixListener::from_std(listener)?;
-        let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut sigterm =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let shutdown = async move {
             sigterm.recv().await;
         };

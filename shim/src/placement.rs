@@ -125,7 +125,8 @@ impl Recorder {
         let (driver, rel) = record::cgroup_rel_path(&cgroups_path)?;
         let placement = self.mounts.expected_placement(&rel);
         let pid = (res.pid != 0).then_some(res.pid);
-        let check = pid.map(|pid| record::check_pid(&self.proc_root, pid, &self.mounts, &placement));
+        let check =
+            pid.map(|pid| record::check_pid(&self.proc_root, pid, &self.mounts, &placement));
         let a = &spec.annotations;
         let pod = a.get(ANN_POD_NAME).map(|name| PodRef {
             namespace: a.get(ANN_POD_NAMESPACE).cloned().unwrap_or_default(),
@@ -254,14 +255,22 @@ fn read_spec(path: &Path) -> Result<Spec, PlacementError> {
 
 impl Observer for Recorder {
     fn observe(&self, method: &str, request: &[u8], response: &Response) {
-        let code = response.status.as_ref().map(|s| s.code()).unwrap_or(Code::OK);
+        let code = response
+            .status
+            .as_ref()
+            .map(|s| s.code())
+            .unwrap_or(Code::OK);
         let result = match (method, code) {
             ("Create", Code::OK) => self.created(request, response),
             ("Start", Code::OK) => self.started(request, response),
             ("Delete", Code::OK | Code::NOT_FOUND) => self.deleted(request),
             ("Connect", Code::OK) => {
                 if let Ok(res) = ConnectResponse::parse_from_bytes(&response.payload) {
-                    debug!(delegate_pid = res.shim_pid, task_pid = res.task_pid, "connect");
+                    debug!(
+                        delegate_pid = res.shim_pid,
+                        task_pid = res.task_pid,
+                        "connect"
+                    );
                 }
                 Ok(())
             }

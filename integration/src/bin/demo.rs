@@ -21,12 +21,17 @@ async fn sh(cri: &Cri, id: &str, script: &str) -> Result<String> {
 }
 
 fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 fn http_get(port: u16, path: &str) -> Result<String> {
     let mut stream = TcpStream::connect(("127.0.0.1", port))?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )?;
     let mut text = String::new();
     stream.read_to_string(&mut text)?;
     Ok(text)
@@ -40,8 +45,12 @@ async fn main() -> Result<()> {
 
     step("starting dockhand proxy in front of it");
     let port = free_port()?;
-    let proxy = ProxyProcess::start(&node, &format!("metrics_address = \"127.0.0.1:{port}\"")).await?;
-    println!("kubelet would use --container-runtime-endpoint=unix://{}", proxy.socket().display());
+    let proxy =
+        ProxyProcess::start(&node, &format!("metrics_address = \"127.0.0.1:{port}\"")).await?;
+    println!(
+        "kubelet would use --container-runtime-endpoint=unix://{}",
+        proxy.socket().display()
+    );
     let via_proxy = proxy.cri().await?;
     let direct = node.cri().await?;
 
@@ -55,11 +64,17 @@ async fn main() -> Result<()> {
     };
     let mut spec = ContainerSpec::sleeper("node-exporter");
     spec.mounts = vec![mount];
-    let pod_a = via_proxy.run_pod(&PodSpec::new("exporter-through-dockhand")).await?;
+    let pod_a = via_proxy
+        .run_pod(&PodSpec::new("exporter-through-dockhand"))
+        .await?;
     let through = via_proxy.run_container(&pod_a, &spec).await?;
     let pod_b = direct.run_pod(&PodSpec::new("exporter-direct")).await?;
     let plain = direct.run_container(&pod_b, &spec).await?;
-    let status = via_proxy.container_status(&through, false).await?.status.context("status")?;
+    let status = via_proxy
+        .container_status(&through, false)
+        .await?
+        .status
+        .context("status")?;
     println!(
         "through dockhand, the container carries  dockhand.io/mount-propagation: {:?}",
         status.annotations.get("dockhand.io/mount-propagation")
@@ -76,28 +91,53 @@ async fn main() -> Result<()> {
         .success();
     anyhow::ensure!(ok, "mount failed");
     let inside = format!("/rootfs{}", late.display());
-    println!("through dockhand:\n{}", sh(&via_proxy, &through, &format!("df -h {inside}")).await?);
-    println!("directly on containerd:\n{}", sh(&direct, &plain, &format!("df -h {inside}")).await?);
+    println!(
+        "through dockhand:\n{}",
+        sh(&via_proxy, &through, &format!("df -h {inside}")).await?
+    );
+    println!(
+        "directly on containerd:\n{}",
+        sh(&direct, &plain, &format!("df -h {inside}")).await?
+    );
     let _ = node.ns_command("umount").arg(&late).status();
 
     step("dockhand audit propagation (what would break without dockhand)");
     let bin = dockhand_integration::proxy::proxy_binary()?;
     let out = Command::new(&bin)
-        .args(["audit", "propagation", "--config", "/nonexistent", "--socket"])
+        .args([
+            "audit",
+            "propagation",
+            "--config",
+            "/nonexistent",
+            "--socket",
+        ])
         .arg(proxy.socket())
         .output()?;
-    print!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    print!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     step("what passed through (dockhand_cri_requests_total from /metrics)");
     let metrics = http_get(port, "/metrics")?;
     for line in metrics.lines().filter(|l| {
-        l.starts_with("dockhand_cri_requests_total") || l.starts_with("dockhand_propagation_rewrites_total")
+        l.starts_with("dockhand_cri_requests_total")
+            || l.starts_with("dockhand_propagation_rewrites_total")
     }) {
         println!("{line}");
     }
 
     step("the proxy's log");
-    for line in proxy.log().lines().rev().take(12).collect::<Vec<_>>().into_iter().rev() {
+    for line in proxy
+        .log()
+        .lines()
+        .rev()
+        .take(12)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+    {
         println!("{line}");
     }
 

@@ -750,46 +750,6 @@ fn errors_read_well() {
     );
 }
 
-/// Prints the cost of the proxy's edit on a ~10 KB request with 20 mounts. Not an assertion:
-/// `cargo test --release -p dockhand-protos -- --ignored --nocapture timing`.
-#[test]
-#[ignore]
-fn timing_of_a_20_mount_edit() {
-    let mounts: Vec<Mount> = (0..20)
-        .map(|i| {
-            mount(
-                &format!("/var/lib/kubelet/pods/0123456789abcdef/volumes/kubernetes.io~projected/volume-{i}/{}", "x".repeat(300)),
-                &format!("/var/run/secrets/{i}"),
-                MountPropagation::PropagationPrivate,
-            )
-        })
-        .collect();
-    let annotations: Vec<(String, String)> = (0..20)
-        .map(|i| (format!("annotation-{i}"), "v".repeat(60)))
-        .collect();
-    let annotations: Vec<(&str, &str)> = annotations
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    let input = request(mounts, &annotations).encode_to_vec();
-    let edits: Vec<Edit> = [2, 7, 11, 19]
-        .into_iter()
-        .map(set_propagation)
-        .chain([annotate("dockhand.io/mount-propagation", "/rootfs=rslave")])
-        .collect();
-    let runs = 20_000;
-    let start = std::time::Instant::now();
-    for _ in 0..runs {
-        std::hint::black_box(apply(std::hint::black_box(&input), &edits).unwrap());
-    }
-    let each = start.elapsed() / runs;
-    println!(
-        "edit of a {} byte request with 20 mounts (4 set + 1 annotation): {:?} each",
-        input.len(),
-        each
-    );
-}
-
 // Property tests: dockhand builds on stable, where cargo-fuzz does not run, so these are the
 // editor's fuzzer.
 
@@ -956,4 +916,44 @@ proptest! {
         prop_assert_eq!(decode(&output), expected);
         assert_only_edited(&input, &output, &chosen, &map_entry(&key, &value));
     }
+}
+
+#[test]
+fn repeated_fields_cost_linear_time() {
+    // A million bytes of one repeated varint field: a quadratic walk would not finish.
+    let input: Vec<u8> = [0x28, 0x01].repeat(500_000);
+    let edit = Edit {
+        path: vec![],
+        op: Op::SetVarint { field: 5, value: 2 },
+    };
+    assert_eq!(apply(&input, &[edit]).unwrap(), [0x28, 0x02]);
+    let mut nested = len_field(7, &input);
+    nested.extend(len_field(7, &[]));
+    let edit = Edit {
+        path: vec![Step::Item(7, 1)],
+        op: Op::SetVarint { field: 5, value: 2 },
+    };
+    let output = apply(&nested, &[edit]).unwrap();
+    assert_eq!(&output[..output.len() - 4], &nested[..nested.len() - 2]);
+}
+
+#[test]
+fn deep_paths_are_followed() {
+    let mut message = varint_field(1, 1);
+    for _ in 0..MAX_PATH_LEN {
+        message = len_field(1, &message);
+    }
+    let edit = Edit {
+        path: vec![Step::Field(1); MAX_PATH_LEN],
+        op: Op::SetVarint {
+            field: 1,
+            value: 300,
+        },
+    };
+    let output = apply(&message, &[edit]).unwrap();
+    let mut expected = varint_field(1, 300);
+    for _ in 0..MAX_PATH_LEN {
+        expected = len_field(1, &expected);
+    }
+    assert_eq!(output, expected);
 }

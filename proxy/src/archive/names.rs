@@ -14,7 +14,9 @@ pub enum NameError {
     Empty,
     #[error("container id {id:?} is longer than {MAX_ID_LEN} bytes")]
     TooLong { id: String },
-    #[error("container id {id:?} contains {ch:?}; only letters, digits, '_', '.' and '-' are allowed")]
+    #[error(
+        "container id {id:?} contains {ch:?}; only letters, digits, '_', '.' and '-' are allowed"
+    )]
     BadChar { id: String, ch: char },
     #[error("container id {id:?} must start with a letter or digit")]
     BadStart { id: String },

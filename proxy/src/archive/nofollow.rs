@@ -210,7 +210,12 @@ pub fn free_percent(dir: BorrowedFd<'_>) -> io::Result<f64> {
 /// A single, normal path component: not empty, `.`, `..`, and without `/` or NUL.
 fn check_component(name: &OsStr) -> io::Result<()> {
     let bytes = name.as_bytes();
-    if bytes.is_empty() || bytes == b"." || bytes == b".." || bytes.contains(&b'/') || bytes.contains(&0) {
+    if bytes.is_empty()
+        || bytes == b"."
+        || bytes == b".."
+        || bytes.contains(&b'/')
+        || bytes.contains(&0)
+    {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("{name:?} is not a single path component"),

@@ -12,9 +12,7 @@ use std::io::{self, Write};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
-use dockhand_protos::cri::{
-    ContainerMetadata, ContainerState, ContainerStatus, ImageSpec,
-};
+use dockhand_protos::cri::{ContainerMetadata, ContainerState, ContainerStatus, ImageSpec};
 
 use super::names::ContainerId;
 use super::nofollow;
@@ -113,7 +111,7 @@ pub fn exited_status(entry: &Entry, log_path: &Path) -> ContainerStatus {
     let finished_at = if meta.finished_at != 0 {
         meta.finished_at
     } else {
-        entry.archived_at * 1_000_000_000
+        entry.archived_at
     };
     ContainerStatus {
         id: meta.id.to_string(),
@@ -122,7 +120,11 @@ pub fn exited_status(entry: &Entry, log_path: &Path) -> ContainerStatus {
             attempt: meta.attempt,
         }),
         state: ContainerState::ContainerExited as i32,
-        created_at: if meta.created_at != 0 { meta.created_at } else { finished_at },
+        created_at: if meta.created_at != 0 {
+            meta.created_at
+        } else {
+            finished_at
+        },
         started_at: meta.started_at,
         finished_at,
         exit_code: meta.exit_code.unwrap_or(0),
@@ -131,9 +133,20 @@ pub fn exited_status(entry: &Entry, log_path: &Path) -> ContainerStatus {
             ..Default::default()
         }),
         image_ref: or(&meta.image_ref, &or(&meta.image, "unknown")),
-        reason: or(&meta.reason, if meta.exit_code.is_some() { "" } else { "Unknown" }),
+        reason: or(
+            &meta.reason,
+            if meta.exit_code.is_some() {
+                ""
+            } else {
+                "Unknown"
+            },
+        ),
         message: meta.message.clone(),
-        labels: meta.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        labels: meta
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
         annotations,
         mounts: Vec::new(),
         log_path: log_path.to_string_lossy().into_owned(),

@@ -39,8 +39,8 @@ pub struct Candidate {
     pub archived_at: i64,
 }
 
-/// The next entry to drop, if any. `candidates` in any order; `free_percent` is the free space
-/// now (None when unknown: the floor is then not enforced).
+/// The next entry to drop, if any. `candidates` in any order, times in Unix nanoseconds;
+/// `free_percent` is the free space now (None when unknown: the floor is then not enforced).
 pub fn next_drop(
     candidates: &[Candidate],
     now: i64,
@@ -51,7 +51,7 @@ pub fn next_drop(
         .iter()
         .min_by(|a, b| (a.archived_at, &a.id).cmp(&(b.archived_at, &b.id)))?;
     if policy.max_age_seconds > 0
-        && now.saturating_sub(oldest.archived_at) > policy.max_age_seconds as i64
+        && now.saturating_sub(oldest.archived_at) / 1_000_000_000 > policy.max_age_seconds as i64
     {
         return Some((oldest.id.clone(), Reason::MaxAge));
     }

@@ -26,7 +26,9 @@ pub enum StagingError {
         log_path: String,
         log_directory: String,
     },
-    #[error("log directory {log_directory:?} of container {id} is not inside the pod log root {root}")]
+    #[error(
+        "log directory {log_directory:?} of container {id} is not inside the pod log root {root}"
+    )]
     OutsidePodLogs {
         id: ContainerId,
         log_directory: String,
@@ -256,7 +258,8 @@ impl Staging {
         let dir = self.create_container(id).map_err(self.io_err(id))?;
         let highest = self.generations(id)?.last().copied();
         if let Some(generation) = highest {
-            if let Ok(stat) = nofollow::stat(dir.as_fd(), OsStr::new(&generation_file(generation))) {
+            if let Ok(stat) = nofollow::stat(dir.as_fd(), OsStr::new(&generation_file(generation)))
+            {
                 if (stat.st_dev, stat.st_ino) == inode {
                     return Ok(Linked::Already(generation));
                 }
@@ -393,14 +396,18 @@ impl Staging {
                 Some(Ok(id)) => {
                     if let Ok(Some(dir)) = self.open_container(&id) {
                         for inner in nofollow::list(dir.as_fd()).unwrap_or_default() {
-                            if let Some(inner) = inner.to_str().filter(|n| n.starts_with(TMP_PREFIX)) {
+                            if let Some(inner) =
+                                inner.to_str().filter(|n| n.starts_with(TMP_PREFIX))
+                            {
                                 let _ = nofollow::remove_file(dir.as_fd(), inner);
                             }
                         }
                         ids.push(id);
                     }
                 }
-                _ => tracing::warn!(path = %self.root.join(&name).display(), "ignoring a foreign name in the staging directory"),
+                _ => {
+                    tracing::warn!(path = %self.root.join(&name).display(), "ignoring a foreign name in the staging directory")
+                }
             }
         }
         ids.sort();

@@ -127,7 +127,7 @@ pub struct Entry {
     pub raw_bytes: u64,
     /// The container is removed and every generation is in.
     pub complete: bool,
-    /// Unix seconds of the last write; retention drops the oldest first.
+    /// Unix nanoseconds of the last write; retention drops the oldest first.
     pub archived_at: i64,
 }
 
@@ -264,10 +264,14 @@ impl Store {
             match self.entry(&id) {
                 Ok(Some(entry)) if entry.container.id == id => entries.push(entry),
                 Ok(_) => {}
-                Err(e) => tracing::warn!(container_id = %id, error = %e, "skipping unreadable archive entry"),
+                Err(e) => {
+                    tracing::warn!(container_id = %id, error = %e, "skipping unreadable archive entry")
+                }
             }
         }
-        entries.sort_by(|a, b| (a.archived_at, &a.container.id).cmp(&(b.archived_at, &b.container.id)));
+        entries.sort_by(|a, b| {
+            (a.archived_at, &a.container.id).cmp(&(b.archived_at, &b.container.id))
+        });
         Ok(entries)
     }
 
@@ -315,7 +319,9 @@ impl Store {
                     drop(dir);
                     self.remove(&id)?;
                 }
-                Err(e) => tracing::warn!(container_id = %id, error = %e, "keeping an unreadable archive entry"),
+                Err(e) => {
+                    tracing::warn!(container_id = %id, error = %e, "keeping an unreadable archive entry")
+                }
             }
         }
         self.list()
@@ -366,7 +372,7 @@ impl Store {
         entry.generations.push(generation);
         entry.log_bytes = log_bytes;
         entry.raw_bytes += raw;
-        entry.archived_at = now_seconds();
+        entry.archived_at = now_nanos();
         self.write_meta(&dir, &entry)?;
         Ok(Appended::Added {
             entry,
@@ -395,7 +401,7 @@ impl Store {
         };
         entry.container = entry.container.updated_with(meta);
         entry.complete = true;
-        entry.archived_at = now_seconds();
+        entry.archived_at = now_nanos();
         self.write_meta(&dir, &entry)?;
         Ok(entry)
     }
@@ -416,7 +422,8 @@ impl Store {
         if entry.log_bytes == 0 {
             return Ok(0);
         }
-        let file = nofollow::open_file(dir.as_fd(), OsStr::new(LOG_FILE)).map_err(self.read_err(id))?;
+        let file =
+            nofollow::open_file(dir.as_fd(), OsStr::new(LOG_FILE)).map_err(self.read_err(id))?;
         let mut decoder =
             zstd::stream::Decoder::new(file.take(entry.log_bytes)).map_err(self.read_err(id))?;
         io::copy(&mut decoder, out).map_err(self.read_err(id))
@@ -443,31 +450,45 @@ impl ContainerMeta {
     /// a container containerd has already forgotten).
     pub fn updated_with(&self, newer: &ContainerMeta) -> ContainerMeta {
         let older = self;
-    let pick = |new: &String, old: &String| if new.is_empty() { old.clone() } else { new.clone() };
-    let time = |new: i64, old: i64| if new == 0 { old } else { new };
-    ContainerMeta {
-        id: newer.id.clone(),
-        namespace: pick(&newer.namespace, &older.namespace),
-        pod: pick(&newer.pod, &older.pod),
-        pod_uid: pick(&newer.pod_uid, &older.pod_uid),
-        container: pick(&newer.container, &older.container),
-        attempt: if newer.container.is_empty() { older.attempt } else { newer.attempt },
-        image: pick(&newer.image, &older.image),
-        image_ref: pick(&newer.image_ref, &older.image_ref),
-        exit_code: newer.exit_code.or(older.exit_code),
-        reason: pick(&newer.reason, &older.reason),
-        message: pick(&newer.message, &older.message),
-        created_at: time(newer.created_at, older.created_at),
-        started_at: time(newer.started_at, older.started_at),
-        finished_at: time(newer.finished_at, older.finished_at),
-        labels: if newer.labels.is_empty() { older.labels.clone() } else { newer.labels.clone() },
-        annotations: if newer.annotations.is_empty() {
-            older.annotations.clone()
-        } else {
-            newer.annotations.clone()
-        },
-        log_path: pick(&newer.log_path, &older.log_path),
-    }
+        let pick = |new: &String, old: &String| {
+            if new.is_empty() {
+                old.clone()
+            } else {
+                new.clone()
+            }
+        };
+        let time = |new: i64, old: i64| if new == 0 { old } else { new };
+        ContainerMeta {
+            id: newer.id.clone(),
+            namespace: pick(&newer.namespace, &older.namespace),
+            pod: pick(&newer.pod, &older.pod),
+            pod_uid: pick(&newer.pod_uid, &older.pod_uid),
+            container: pick(&newer.container, &older.container),
+            attempt: if newer.container.is_empty() {
+                older.attempt
+            } else {
+                newer.attempt
+            },
+            image: pick(&newer.image, &older.image),
+            image_ref: pick(&newer.image_ref, &older.image_ref),
+            exit_code: newer.exit_code.or(older.exit_code),
+            reason: pick(&newer.reason, &older.reason),
+            message: pick(&newer.message, &older.message),
+            created_at: time(newer.created_at, older.created_at),
+            started_at: time(newer.started_at, older.started_at),
+            finished_at: time(newer.finished_at, older.finished_at),
+            labels: if newer.labels.is_empty() {
+                older.labels.clone()
+            } else {
+                newer.labels.clone()
+            },
+            annotations: if newer.annotations.is_empty() {
+                older.annotations.clone()
+            } else {
+                newer.annotations.clone()
+            },
+            log_path: pick(&newer.log_path, &older.log_path),
+        }
     }
 }
 
@@ -482,8 +503,8 @@ fn remove_any(path: &Path) {
     }
 }
 
-pub fn now_seconds() -> i64 {
+pub fn now_nanos() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
+        .map_or(0, |d| d.as_nanos() as i64)
 }

@@ -109,7 +109,11 @@ fn the_mount_that_contains_the_source_decides() {
 fn slave_host_mounts_take_rslave() {
     let mut config = config();
     config.extra_paths = vec!["/var/lib/kubelet".into()];
-    let decisions = decide_with(&config, &[private("/var/lib/kubelet/pods", "/p")], SHARED_ROOT);
+    let decisions = decide_with(
+        &config,
+        &[private("/var/lib/kubelet/pods", "/p")],
+        SHARED_ROOT,
+    );
     assert_eq!(decisions[0].decision, Decision::Rslave);
 }
 
@@ -126,9 +130,11 @@ fn unreadable_mount_table_keeps_private() {
 
 #[test]
 fn mount_table_is_not_read_when_nothing_matches() {
-    let decisions = decide(&Rule::new(&config()), &[private("/etc", "/etc")], || -> Result<MountTable, String> {
-        panic!("read the mount table for nothing")
-    });
+    let decisions = decide(
+        &Rule::new(&config()),
+        &[private("/etc", "/etc")],
+        || -> Result<MountTable, String> { panic!("read the mount table for nothing") },
+    );
     assert!(decisions.is_empty());
 }
 
@@ -141,13 +147,9 @@ fn symlinked_sources_are_resolved_before_matching() {
     std::os::unix::fs::symlink(&data, root.join("link")).unwrap();
     let mut config = config();
     config.docker_root = data.clone();
-    let table = format!("22 1 253:0 / / rw shared:1 - ext4 /dev/vda rw\n");
+    let table = "22 1 253:0 / / rw shared:1 - ext4 /dev/vda rw\n";
     let link = root.join("link").join("containers");
-    let decisions = decide_with(
-        &config,
-        &[private(link.to_str().unwrap(), "/c")],
-        &table,
-    );
+    let decisions = decide_with(&config, &[private(link.to_str().unwrap(), "/c")], table);
     assert_eq!(decisions.len(), 1);
     assert_eq!(decisions[0].source, data.join("containers"));
     assert_eq!(decisions[0].decision, Decision::Rslave);
@@ -164,9 +166,18 @@ fn resolve_keeps_the_missing_rest_of_a_path() {
 
 #[test]
 fn is_within_compares_components() {
-    assert!(is_within(Path::new("/var/lib/docker/x"), Path::new("/var/lib/docker")));
-    assert!(is_within(Path::new("/var/lib/docker"), Path::new("/var/lib/docker/")));
-    assert!(!is_within(Path::new("/var/lib/doc"), Path::new("/var/lib/docker")));
+    assert!(is_within(
+        Path::new("/var/lib/docker/x"),
+        Path::new("/var/lib/docker")
+    ));
+    assert!(is_within(
+        Path::new("/var/lib/docker"),
+        Path::new("/var/lib/docker/")
+    ));
+    assert!(!is_within(
+        Path::new("/var/lib/doc"),
+        Path::new("/var/lib/docker")
+    ));
     assert!(is_within(Path::new("/var"), Path::new("/")));
 }
 
@@ -182,11 +193,18 @@ fn edits_set_host_to_container_and_annotate() {
         }),
         sandbox_config: None,
     };
-    let decisions = decide_with(&config(), &request.config.as_ref().unwrap().mounts, SHARED_ROOT);
+    let decisions = decide_with(
+        &config(),
+        &request.config.as_ref().unwrap().mounts,
+        SHARED_ROOT,
+    );
     let edited = wire::apply(&request.encode_to_vec(), &edits(&decisions)).unwrap();
     let edited = CreateContainerRequest::decode(edited.as_slice()).unwrap();
     let config = edited.config.unwrap();
-    assert_eq!(config.mounts[0].propagation, MountPropagation::PropagationPrivate as i32);
+    assert_eq!(
+        config.mounts[0].propagation,
+        MountPropagation::PropagationPrivate as i32
+    );
     assert_eq!(
         config.mounts[1].propagation,
         MountPropagation::PropagationHostToContainer as i32

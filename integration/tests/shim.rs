@@ -1,0 +1,380 @@
+//! containerd-shim-dockhand-v2 against the real containerd: every container gets a record that
+//! matches `/proc/<pid>/cgroup`, containers behave exactly as with the stock runc shim (the same
+//! scenario runs with both and the transcripts are compared), records go with their containers,
+//! and a SIGKILLed delegate takes the shim and the task with it, leaving nothing behind.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use dockhand_integration::api;
+use dockhand_integration::cleanup::{alive, processes_mentioning, signal, wait_gone};
+use dockhand_integration::{
+    read_messages, target_dir, workspace_dir, ContainerSpec, Cri, Node, NodeOptions, Pod, PodSpec,
+};
+use dockhand_protos::record::{self, Driver, Placement, QosClass, Source, State};
+
+const SHIM: &str = "containerd-shim-dockhand-v2";
+
+/// The shim binary, built fresh (`DOCKHAND_SHIM_BIN` overrides), installed in a directory of its
+/// own with a `<binary>.json` config pointing the records at a temp directory.
+struct ShimInstall {
+    dir: tempfile::TempDir,
+}
+
+impl ShimInstall {
+    fn new() -> Result<ShimInstall> {
+        let built = match std::env::var_os("DOCKHAND_SHIM_BIN") {
+            Some(path) => PathBuf::from(path),
+            None => {
+                let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+                let status = Command::new(cargo)
+                    .args(["build", "-p", "dockhand-shim", "--bin", SHIM])
+                    .current_dir(workspace_dir())
+                    .status()
+                    .context("run cargo build")?;
+                if !status.success() {
+                    bail!("cargo build -p dockhand-shim failed");
+                }
+                target_dir().join("debug").join(SHIM)
+            }
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("dockhand-shim-")
+            .tempdir_in("/tmp")?;
+        let bin = dir.path().join(SHIM);
+        if std::fs::hard_link(&built, &bin).is_err() {
+            std::fs::copy(&built, &bin).with_context(|| format!("copy {}", built.display()))?;
+        }
+        let config = serde_json::json!({ "recordDir": dir.path().join("records") });
+        std::fs::write(dir.path().join(format!("{SHIM}.json")), config.to_string())?;
+        Ok(ShimInstall { dir })
+    }
+
+    fn binary(&self) -> PathBuf {
+        self.dir.path().join(SHIM)
+    }
+
+    fn records(&self) -> PathBuf {
+        self.dir.path().join("records")
+    }
+
+    /// Live shim daemons started from this install.
+    fn daemons(&self) -> Vec<u32> {
+        processes_mentioning(&format!("{} ", self.binary().display()))
+            .into_iter()
+            .filter(|&pid| cmdline(pid).contains("dockhand-serve"))
+            .collect()
+    }
+}
+
+fn cmdline(pid: u32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .unwrap_or_default()
+}
+
+async fn node_with(shim: Option<&ShimInstall>) -> Result<Node> {
+    Node::start(NodeOptions {
+        runtime_path: shim.map(ShimInstall::binary),
+        ..NodeOptions::default()
+    })
+    .await
+}
+
+/// The init pid CRI reports (`ContainerStatus` verbose info).
+async fn cri_pid(cri: &Cri, id: &str) -> Result<u32> {
+    let status = cri.container_status(id, true).await?;
+    let info = status.info.get("info").context("no verbose info")?;
+    let info: serde_json::Value = serde_json::from_str(info)?;
+    let pid = info["pid"].as_u64().context("no pid in verbose info")?;
+    Ok(pid as u32)
+}
+
+/// A container that logs, traps SIGTERM and exits 7.
+fn worker(name: &str) -> ContainerSpec {
+    ContainerSpec::new(
+        name,
+        &[
+            "sh",
+            "-c",
+            "echo started $NAME; trap 'echo bye $NAME; exit 7' TERM; while true; do sleep 0.2; done",
+        ],
+    )
+    .with_env("NAME", name)
+}
+
+trait WithEnv {
+    fn with_env(self, key: &str, value: &str) -> Self;
+}
+
+impl WithEnv for ContainerSpec {
+    fn with_env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+}
+
+const NAMES: [&str; 3] = ["alpha", "beta", "gamma"];
+
+/// Runs a pod with several containers through exec, logs, stop and remove, and returns what a
+/// user would see, ids and uids normalised. `check` runs after each container started.
+async fn scenario(
+    node: &Node,
+    mut after_start: impl FnMut(&Pod, &str, &str, u32) -> Result<()>,
+) -> Result<Vec<String>> {
+    let cri = node.cri().await?;
+    let mut t = Vec::new();
+    let pod = cri.run_pod(&PodSpec::new("web")).await?;
+    let mut ids = Vec::new();
+    for name in NAMES {
+        let id = cri.run_container(&pod, &worker(name)).await?;
+        let pid = cri_pid(&cri, &id).await?;
+        after_start(&pod, &id, name, pid)?;
+        ids.push(id);
+    }
+    let listed = cri.list_containers(Some(&pod.id)).await?;
+    t.push(format!("listed {} containers", listed.len()));
+    let norm = |s: &str, id: &str| {
+        s.replace(id, "<id>")
+            .replace(&pod.spec.uid, "<uid>")
+            .replace(node.cgroup_root(), "<root>")
+    };
+    for (name, id) in NAMES.iter().zip(&ids) {
+        let out = cri
+            .exec_sync(
+                id,
+                &["sh", "-c", "echo out $NAME; echo err >&2; exit 3"],
+                10,
+            )
+            .await?;
+        t.push(format!(
+            "{name} exec: {:?} {:?} {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            out.exit_code
+        ));
+        let out = cri.exec_sync(id, &["cat", "/proc/self/cgroup"], 10).await?;
+        let memory = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find(|l| l.contains(":memory:"))
+            .map(|l| norm(l.split_once(":memory:").unwrap().1, id))
+            .unwrap_or_default();
+        t.push(format!("{name} memory cgroup: {memory}"));
+        let status = cri
+            .container_status(id, false)
+            .await?
+            .status
+            .context("status")?;
+        t.push(format!("{name} state {}", status.state));
+    }
+    for (name, id) in NAMES.iter().zip(&ids) {
+        cri.stop_container(id, 10).await?;
+        let status = cri.wait_exited(id, Duration::from_secs(20)).await?;
+        t.push(format!(
+            "{name} exited {} {:?}",
+            status.exit_code, status.reason
+        ));
+        let messages = read_messages(Path::new(&status.log_path), "stdout")?;
+        t.push(format!("{name} log {messages:?}"));
+        cri.remove_container(id).await?;
+        let gone = cri.container_status(id, false).await;
+        t.push(format!(
+            "{name} after remove: {:?}",
+            gone.map_err(|s| s.code()).map(|_| ())
+        ));
+    }
+    cri.stop_pod(&pod.id).await?;
+    cri.remove_pod(&pod.id).await?;
+    t.push(format!("pods left {}", cri.list_pods().await?.len()));
+    Ok(t)
+}
+
+/// The directories a `/proc/<pid>/cgroup` line resolves to on this host (hybrid: v1
+/// controllers), for comparison with the record.
+fn proc_memory_dir(pid: u32) -> Result<PathBuf> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
+    let line = text
+        .lines()
+        .find(|l| l.split(':').nth(1) == Some("memory"))
+        .context("no memory line")?;
+    let path = line.splitn(3, ':').nth(2).unwrap();
+    Ok(PathBuf::from(format!("/sys/fs/cgroup/memory{path}")))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn records_match_proc_and_containers_behave_as_with_the_stock_shim() {
+    let shim = ShimInstall::new().unwrap();
+    let records = shim.records();
+
+    let stock_node = node_with(None).await.unwrap();
+    let stock = scenario(&stock_node, |_, _, _, _| Ok(())).await.unwrap();
+    drop(stock_node);
+
+    let node = node_with(Some(&shim)).await.unwrap();
+    let mut checked = Vec::new();
+    let cgroup_root = node.cgroup_root().to_string();
+    let ours = scenario(&node, |pod, id, name, pid| {
+        let rec = record::read(&records, id)?.context("no record for a started container")?;
+        assert_eq!(rec.source, Source::Shim);
+        assert_eq!(rec.state, State::Started, "{rec:#?}");
+        assert_eq!(rec.pid, Some(pid), "record pid vs CRI pid");
+        assert_eq!(rec.container_name.as_deref(), Some(name));
+        assert_eq!(rec.container_type.as_deref(), Some("container"));
+        assert_eq!(rec.sandbox_id.as_deref(), Some(pod.id.as_str()));
+        let pod_ref = rec.pod.as_ref().context("no pod")?;
+        assert_eq!(
+            (
+                pod_ref.namespace.as_str(),
+                pod_ref.name.as_str(),
+                pod_ref.uid.as_str()
+            ),
+            (pod.spec.namespace.as_str(), "web", pod.spec.uid.as_str())
+        );
+        assert_eq!(
+            rec.cgroups_path,
+            format!("{cgroup_root}/besteffort/pod{}/{id}", pod.spec.uid)
+        );
+        assert_eq!(rec.driver, Driver::Cgroupfs);
+        assert_eq!(rec.qos_class, Some(QosClass::BestEffort));
+        let check = rec.check.as_ref().context("no check")?;
+        assert!(check.matches, "{check:#?}");
+        let Placement::V1 { controllers } = &rec.placement else {
+            bail!(
+                "this host is hybrid; containerd treats it as v1: {:?}",
+                rec.placement
+            );
+        };
+        // The record agrees with /proc/<pid>/cgroup read here, and the files are there.
+        assert_eq!(controllers["memory"], proc_memory_dir(pid)?);
+        for (controllers, dir) in rec.placement.dirs() {
+            assert!(
+                dir.join("cgroup.procs").is_file(),
+                "{controllers}: {}",
+                dir.display()
+            );
+        }
+        let procs = std::fs::read_to_string(controllers["pids"].join("cgroup.procs"))?;
+        assert!(
+            procs.lines().any(|l| l == pid.to_string()),
+            "pid {pid} not in {procs}"
+        );
+        // The sandbox has its record too.
+        let sandbox = record::read(&records, &pod.id)?.context("no sandbox record")?;
+        assert_eq!(sandbox.container_type.as_deref(), Some("sandbox"));
+        checked.push(id.to_string());
+        Ok(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(checked.len(), NAMES.len());
+    assert_eq!(ours, stock, "the shim changed what containers do");
+
+    // Records are removed with their containers (and the sandbox's with the pod).
+    let left: Vec<_> = record::list(&records).unwrap();
+    assert!(left.is_empty(), "records left: {left:?}");
+    // The pod is gone: so are its shim daemon and its socket.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !shim.daemons().is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        shim.daemons(),
+        Vec::<u32>::new(),
+        "shim daemon outlived its pod"
+    );
+    drop(node);
+}
+
+/// Sockets of a pod: (the delegate's, by containerd 1.6's rule; dockhand's, from the bundle's
+/// `address` file, which the shim points at itself).
+fn pod_sockets(node: &Node, pod_id: &str) -> Result<(PathBuf, PathBuf)> {
+    let bundle = node
+        .temp_dir()
+        .join("state/io.containerd.runtime.v2.task/k8s.io")
+        .join(pod_id);
+    let own = std::fs::read_to_string(bundle.join("address"))?;
+    let own = PathBuf::from(own.trim().trim_start_matches("unix://"));
+    let key = format!("{}/k8s.io/{pod_id}", node.containerd_socket().display());
+    let hash = sha256_hex(key.as_bytes());
+    Ok((PathBuf::from(format!("/run/containerd/s/{hash}")), own))
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn delegate_pids(node: &Node) -> Vec<u32> {
+    processes_mentioning(&format!("{}/containerd.sock", node.temp_dir().display()))
+        .into_iter()
+        .filter(|&pid| cmdline(pid).contains("containerd-shim-runc-v2 "))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkilled_delegate_exits_the_task_and_the_shim_and_leaves_nothing() {
+    let shim = ShimInstall::new().unwrap();
+    let node = node_with(Some(&shim)).await.unwrap();
+    let cri = node.cri().await.unwrap();
+    let pod = match cri.run_pod(&PodSpec::new("victim")).await {
+        Ok(pod) => pod,
+        Err(e) => panic!("{e}; containerd log:\n{}", node.containerd_log_tail(40)),
+    };
+    let id = cri
+        .run_container(&pod, &ContainerSpec::sleeper("sleeper"))
+        .await
+        .unwrap();
+    let pid = cri_pid(&cri, &id).await.unwrap();
+    assert!(record::read(&shim.records(), &id).unwrap().is_some());
+
+    let (delegate_socket, own_socket) = pod_sockets(&node, &pod.id).unwrap();
+    assert!(delegate_socket.exists() && own_socket.exists());
+    let delegates = delegate_pids(&node);
+    assert_eq!(delegates.len(), 1, "one delegate per pod: {delegates:?}");
+    let daemons = shim.daemons();
+    assert_eq!(daemons.len(), 1, "one shim per pod: {daemons:?}");
+
+    assert!(signal(delegates[0], "KILL"));
+
+    // containerd reports the task exited ...
+    let status = cri.wait_exited(&id, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(status.state, api::ContainerState::ContainerExited as i32);
+    // ... the shim exits, and no process or socket is left.
+    assert!(
+        wait_gone(&daemons, Duration::from_secs(10)),
+        "shim still running"
+    );
+    assert!(
+        wait_gone(&[pid], Duration::from_secs(10)),
+        "container process still running"
+    );
+    assert!(!alive(delegates[0]));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (own_socket.exists() || delegate_socket.exists()) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!own_socket.exists(), "{} left", own_socket.display());
+    assert!(
+        !delegate_socket.exists(),
+        "{} left",
+        delegate_socket.display()
+    );
+    // containerd ran the `delete` action for the dead tasks: their records went with them.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !record::list(&shim.records()).unwrap().is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(record::list(&shim.records()).unwrap().is_empty());
+
+    // The pod can still be cleaned up like any pod whose shim died.
+    cri.remove_container(&id).await.unwrap();
+    cri.stop_pod(&pod.id).await.unwrap();
+    cri.remove_pod(&pod.id).await.unwrap();
+    drop(cri);
+    drop(node);
+}

@@ -1,0 +1,561 @@
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use dockhand_protos::cri::ContainerState;
+
+use super::cri_log;
+use super::logs_cmd;
+use super::names::{generation_file, parse_generation_file, ContainerId};
+use super::restore;
+use super::retention::{next_drop, Candidate, Policy, Reason};
+use super::staging::{locate, Linked, Staging, StagingError};
+use super::store::{Appended, ContainerMeta, Store};
+use crate::config::Config;
+
+const ID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+fn id() -> ContainerId {
+    ContainerId::parse(ID).unwrap()
+}
+
+fn meta(id: &ContainerId) -> ContainerMeta {
+    let mut meta = ContainerMeta::unknown(id.clone());
+    meta.namespace = "batch".into();
+    meta.pod = "hello-job".into();
+    meta.container = "hello".into();
+    meta.image = "busybox:latest".into();
+    meta
+}
+
+/// A pod log tree like kubelet's: `<root>/pods/<ns>_<pod>_<uid>/<container>/0.log`.
+struct Tree {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    pods: PathBuf,
+    log_directory: PathBuf,
+    log_path: PathBuf,
+    staging: Staging,
+}
+
+fn tree() -> Tree {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let pods = root.join("pods");
+    let log_directory = pods.join("batch_hello-job_uid1");
+    std::fs::create_dir_all(log_directory.join("hello")).unwrap();
+    let log_path = log_directory.join("hello/0.log");
+    std::fs::write(&log_path, "2024-01-01T00:00:00.000000001Z stdout F first\n").unwrap();
+    let staging = Staging::new(&root.join("staging"), &pods);
+    Tree {
+        _dir: dir,
+        root,
+        pods,
+        log_directory,
+        log_path,
+        staging,
+    }
+}
+
+impl Tree {
+    fn location(&self) -> super::staging::LogLocation {
+        locate(
+            &id(),
+            &self.pods,
+            self.log_directory.to_str().unwrap(),
+            self.log_path.to_str().unwrap(),
+        )
+        .unwrap()
+    }
+
+    /// Every file under the tree, relative, sorted.
+    fn files(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        walk(&self.root, &self.root, &mut out);
+        out.sort();
+        out
+    }
+}
+
+fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if entry.file_type().unwrap().is_dir() {
+            walk(root, &path, out);
+        } else {
+            out.push(path.strip_prefix(root).unwrap().display().to_string());
+        }
+    }
+}
+
+// ---- names ----------------------------------------------------------------------------------
+
+#[test]
+fn container_ids_are_single_safe_components() {
+    assert!(ContainerId::parse(ID).is_ok());
+    assert!(ContainerId::parse("abc_1.2-3").is_ok());
+    for bad in [
+        "", ".", "..", "../etc", "a/b", ".hidden", "-rf", "a*", "a?", "a[1]", "a b", "a\0b",
+    ] {
+        assert!(ContainerId::parse(bad).is_err(), "{bad:?} accepted");
+    }
+    assert!(ContainerId::parse(&"a".repeat(128)).is_ok());
+    assert!(ContainerId::parse(&"a".repeat(129)).is_err());
+    let error = ContainerId::parse("a/b").unwrap_err().to_string();
+    assert!(error.contains("a/b") && error.contains('/'), "{error}");
+}
+
+#[test]
+fn generation_names_round_trip() {
+    assert_eq!(generation_file(7), "000007.log");
+    assert_eq!(parse_generation_file("000007.log"), Some(7));
+    assert_eq!(parse_generation_file("7.log"), None);
+    assert_eq!(parse_generation_file("000007.log.tmp"), None);
+}
+
+// ---- staging --------------------------------------------------------------------------------
+
+#[test]
+fn log_paths_must_stay_inside_the_sandbox_log_directory() {
+    let root = Path::new("/var/log/pods");
+    let dir = "/var/log/pods/ns_pod_uid";
+    assert!(locate(&id(), root, dir, "/var/log/pods/ns_pod_uid/c/0.log").is_ok());
+    for bad in [
+        "/var/log/pods/ns_pod_uid/../other_pod/c/0.log",
+        "/var/log/pods/other_pod_uid/c/0.log",
+        "/etc/shadow",
+        "/var/log/pods/ns_pod_uid",
+        "relative/c/0.log",
+    ] {
+        assert!(
+            matches!(
+                locate(&id(), root, dir, bad),
+                Err(StagingError::OutsideLogDirectory { .. })
+            ),
+            "{bad} accepted"
+        );
+    }
+    assert!(matches!(
+        locate(&id(), root, "/tmp/x", "/tmp/x/c/0.log"),
+        Err(StagingError::OutsidePodLogs { .. })
+    ));
+}
+
+#[test]
+fn staging_hard_links_the_live_file() {
+    let t = tree();
+    t.staging.check_same_filesystem().unwrap();
+    assert_eq!(
+        t.staging.link(&id(), &t.location(), 1).unwrap(),
+        Linked::New(1)
+    );
+    let staged = t.root.join("staging").join(ID).join("000001.log");
+    assert_eq!(
+        std::fs::metadata(&staged).unwrap().ino(),
+        std::fs::metadata(&t.log_path).unwrap().ino()
+    );
+    // Same file again: nothing new.
+    assert_eq!(
+        t.staging.link(&id(), &t.location(), 1).unwrap(),
+        Linked::Already(1)
+    );
+    // kubelet deletes its file: the staged link still has the data.
+    std::fs::remove_file(&t.log_path).unwrap();
+    assert!(std::fs::read_to_string(&staged).unwrap().contains("first"));
+}
+
+#[test]
+fn rotation_links_the_new_file_as_the_next_generation() {
+    let t = tree();
+    t.staging.link(&id(), &t.location(), 1).unwrap();
+    // kubelet: rename 0.log aside, gzip it later (new file, old unlinked); containerd reopens.
+    std::fs::rename(
+        &t.log_path,
+        t.log_path.with_extension("log.20240101-000000"),
+    )
+    .unwrap();
+    std::fs::write(
+        &t.log_path,
+        "2024-01-01T00:00:01.000000001Z stdout F second\n",
+    )
+    .unwrap();
+    std::fs::remove_file(t.log_path.with_extension("log.20240101-000000")).unwrap();
+    assert_eq!(
+        t.staging.link(&id(), &t.location(), 0).unwrap(),
+        Linked::New(2)
+    );
+    assert_eq!(t.staging.generations(&id()).unwrap(), vec![1, 2]);
+    let mut first = String::new();
+    std::io::Read::read_to_string(
+        &mut t.staging.open_generation(&id(), 1).unwrap(),
+        &mut first,
+    )
+    .unwrap();
+    assert!(first.contains("first") && !first.contains("second"));
+}
+
+#[test]
+fn symlinks_in_the_log_tree_are_refused_and_nothing_is_written() {
+    let t = tree();
+    let secret = t.root.join("secret");
+    std::fs::write(&secret, "root's secret\n").unwrap();
+    // The log file itself is a symlink.
+    std::fs::remove_file(&t.log_path).unwrap();
+    std::os::unix::fs::symlink(&secret, &t.log_path).unwrap();
+    let before = t.files();
+    let error = t.staging.link(&id(), &t.location(), 1).unwrap_err();
+    assert!(matches!(error, StagingError::Unsafe { .. }), "{error}");
+    assert_eq!(error.reason(), "unsafe_path");
+    assert!(t.staging.generations(&id()).unwrap().is_empty());
+    assert!(!t
+        .files()
+        .iter()
+        .any(|f| f.starts_with("staging") && f.ends_with(".log")));
+    assert_eq!(before, t.files());
+
+    // A directory on the way is a symlink.
+    let t = tree();
+    let elsewhere = t.root.join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    std::fs::write(elsewhere.join("0.log"), "not a pod log\n").unwrap();
+    std::fs::remove_dir_all(t.log_directory.join("hello")).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, t.log_directory.join("hello")).unwrap();
+    let error = t.staging.link(&id(), &t.location(), 1).unwrap_err();
+    assert!(matches!(error, StagingError::Unsafe { .. }), "{error}");
+    assert!(t.staging.generations(&id()).unwrap().is_empty());
+}
+
+#[test]
+fn staging_on_another_filesystem_is_reported_clearly() {
+    // /proc is never the filesystem of a temp dir.
+    let t = tree();
+    let staging = Staging::new(Path::new("/proc/dockhand-staging"), &t.pods);
+    let error = staging.check_same_filesystem().unwrap_err().to_string();
+    assert!(error.contains("different filesystems"), "{error}");
+    assert!(error.contains("staging_dir"), "{error}");
+}
+
+// ---- store ----------------------------------------------------------------------------------
+
+#[test]
+fn generations_are_appended_in_order_and_never_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::new(dir.path(), 3);
+    let meta = meta(&id());
+    let one = "2024-01-01T00:00:00.000000001Z stdout F one\n".repeat(100);
+    let two = "2024-01-01T00:00:01.000000001Z stdout F two\n".repeat(100);
+    let added = store
+        .append_generation(&meta, 1, &mut one.as_bytes())
+        .unwrap();
+    assert!(matches!(added, Appended::Added { raw, .. } if raw == one.len() as u64));
+    store
+        .append_generation(&meta, 2, &mut two.as_bytes())
+        .unwrap();
+    // A replay after a crash (generation 2 still staged) adds nothing.
+    let replay = store
+        .append_generation(&meta, 2, &mut two.as_bytes())
+        .unwrap();
+    assert!(matches!(replay, Appended::AlreadyThere(_)));
+    let mut out = Vec::new();
+    store.read_log(&id(), &mut out).unwrap();
+    assert_eq!(String::from_utf8(out).unwrap(), format!("{one}{two}"));
+    let entry = store.entry(&id()).unwrap().unwrap();
+    assert_eq!(entry.generations, vec![1, 2]);
+    assert!(entry.log_bytes < entry.raw_bytes / 5, "{entry:?}");
+}
+
+#[test]
+fn a_frame_half_written_by_a_crash_is_cut_at_recovery() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::new(dir.path(), 3);
+    let meta = meta(&id());
+    store
+        .append_generation(&meta, 1, &mut "a F line\n".as_bytes())
+        .unwrap();
+    // The crash: bytes of a frame whose meta.json never got written, and a temp file.
+    let log = dir.path().join(ID).join("log.zst");
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&log)
+        .unwrap()
+        .write_all(&[0x28, 0xb5, 0x2f, 0xfd, 1, 2, 3])
+        .unwrap();
+    std::fs::write(dir.path().join(ID).join(".tmp.meta.json.1.1"), "{").unwrap();
+    // An entry created but never committed.
+    std::fs::create_dir_all(dir.path().join("feedface")).unwrap();
+    let entries = store.recover().unwrap();
+    assert_eq!(entries.len(), 1);
+    assert!(!dir.path().join("feedface").exists());
+    assert!(!dir.path().join(ID).join(".tmp.meta.json.1.1").exists());
+    store
+        .append_generation(&meta, 2, &mut "b F line\n".as_bytes())
+        .unwrap();
+    let mut out = Vec::new();
+    store.read_log(&id(), &mut out).unwrap();
+    assert_eq!(out, b"a F line\nb F line\n");
+}
+
+#[test]
+fn complete_keeps_earlier_metadata_and_remove_drops_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::new(dir.path(), 3);
+    store
+        .append_generation(&meta(&id()), 1, &mut "x\n".as_bytes())
+        .unwrap();
+    let mut end = ContainerMeta::unknown(id());
+    end.exit_code = Some(3);
+    end.reason = "Error".into();
+    let entry = store.complete(&end).unwrap();
+    assert!(entry.complete);
+    assert_eq!(entry.container.pod, "hello-job");
+    assert_eq!(entry.container.exit_code, Some(3));
+    store.remove(&id()).unwrap();
+    assert!(store.entry(&id()).unwrap().is_none());
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+// ---- restore --------------------------------------------------------------------------------
+
+#[test]
+fn restored_copy_is_alone_in_its_directory_and_comes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::new(&dir.path().join("archive"), 3);
+    let text = "2024-01-01T00:00:00.000000001Z stdout F Hello, Kubernetes!\n";
+    store
+        .append_generation(&meta(&id()), 1, &mut text.as_bytes())
+        .unwrap();
+    let root = dir.path().join("restored");
+    let path = restore::ensure(&store, &root, &id()).unwrap();
+    assert_eq!(path, root.join(ID).join("restored.log"));
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+    // kubelet's repeated removal: everything matching `<log_path>*` goes.
+    let siblings: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(siblings, vec![std::ffi::OsString::from("restored.log")]);
+    std::fs::remove_file(&path).unwrap();
+    let again = restore::ensure(&store, &root, &id()).unwrap();
+    assert_eq!(std::fs::read_to_string(again).unwrap(), text);
+    assert!(store.entry(&id()).unwrap().is_some());
+}
+
+#[test]
+fn exited_status_has_what_kubelet_requires() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::new(dir.path(), 3);
+    let mut meta = meta(&id());
+    meta.exit_code = Some(0);
+    meta.reason = "Completed".into();
+    meta.created_at = 5;
+    meta.finished_at = 9;
+    meta.annotations
+        .insert(restore::PRE_STOP_ANNOTATION.into(), "{}".into());
+    meta.annotations
+        .insert("io.kubernetes.container.hash".into(), "abc".into());
+    meta.labels
+        .insert("io.kubernetes.pod.name".into(), "hello-job".into());
+    store
+        .append_generation(&meta, 1, &mut "x\n".as_bytes())
+        .unwrap();
+    let entry = store.complete(&meta).unwrap();
+    let status = restore::exited_status(&entry, Path::new("/r/x/restored.log"));
+    assert_eq!(status.id, ID);
+    assert_eq!(status.state, ContainerState::ContainerExited as i32);
+    assert_eq!(status.metadata.unwrap().name, "hello");
+    assert_eq!(status.created_at, 5);
+    assert_eq!(status.finished_at, 9);
+    assert_eq!(status.image.unwrap().image, "busybox:latest");
+    assert!(!status.image_ref.is_empty());
+    assert_eq!(status.reason, "Completed");
+    assert_eq!(status.log_path, "/r/x/restored.log");
+    assert!(!status
+        .annotations
+        .contains_key(restore::PRE_STOP_ANNOTATION));
+    assert_eq!(status.annotations["io.kubernetes.container.hash"], "abc");
+    assert_eq!(status.labels["io.kubernetes.pod.name"], "hello-job");
+}
+
+// ---- retention ------------------------------------------------------------------------------
+
+fn candidate(name: &str, bytes: u64, archived_at: i64) -> Candidate {
+    Candidate {
+        id: ContainerId::parse(name).unwrap(),
+        bytes,
+        archived_at,
+    }
+}
+
+#[test]
+fn retention_drops_the_oldest_first() {
+    let policy = Policy {
+        max_bytes: 100,
+        max_age_seconds: 1000,
+        min_free_percent: 10.0,
+    };
+    let entries = [
+        candidate("b", 40, 200),
+        candidate("a", 40, 100),
+        candidate("c", 40, 300),
+    ];
+    assert_eq!(
+        next_drop(&entries, 400, &policy, Some(50.0)),
+        Some((ContainerId::parse("a").unwrap(), Reason::MaxBytes))
+    );
+    assert_eq!(next_drop(&entries[..2], 400, &policy, Some(50.0)), None);
+    assert_eq!(
+        next_drop(&entries[..2], 1150 * 1_000_000_000, &policy, Some(50.0)),
+        Some((ContainerId::parse("a").unwrap(), Reason::MaxAge))
+    );
+    assert_eq!(
+        next_drop(&entries[..2], 400, &policy, Some(5.0)),
+        Some((ContainerId::parse("a").unwrap(), Reason::MinFree))
+    );
+    assert_eq!(next_drop(&[], 400, &policy, Some(0.0)), None);
+}
+
+// ---- reading back ---------------------------------------------------------------------------
+
+#[test]
+fn partial_lines_are_joined_per_stream() {
+    let text = "2024-01-01T00:00:00.000000001Z stdout P hel\n\
+                2024-01-01T00:00:00.000000002Z stderr F oops\n\
+                2024-01-01T00:00:00.000000003Z stdout F lo\n\
+                2024-01-01T00:00:00.000000004Z stdout F  spaced  \n";
+    let lines = cri_log::parse(text);
+    let messages: Vec<&str> = lines.iter().map(|l| l.message.as_str()).collect();
+    assert_eq!(messages, vec!["oops", "hello", " spaced  "]);
+    assert_eq!(lines[1].time, "2024-01-01T00:00:00.000000001Z");
+}
+
+#[test]
+fn rfc3339_times_round_trip() {
+    let nanos = cri_log::parse_rfc3339_nanos("2016-10-06T00:17:09.669794202Z").unwrap();
+    assert_eq!(nanos, 1_475_713_029_669_794_202);
+    assert_eq!(
+        cri_log::format_rfc3339(nanos),
+        "2016-10-06T00:17:09.669794202Z"
+    );
+    assert_eq!(
+        cri_log::parse_rfc3339_nanos("2016-10-06T02:17:09+02:00"),
+        Some(1_475_713_029_000_000_000)
+    );
+    assert_eq!(cri_log::parse_rfc3339_nanos("2016-13-06T00:17:09Z"), None);
+    assert_eq!(cri_log::parse_rfc3339_nanos("yesterday"), None);
+    assert_eq!(cri_log::parse_duration_seconds("10m"), Some(600));
+    assert_eq!(cri_log::parse_duration_seconds("2h"), Some(7200));
+    assert_eq!(cri_log::parse_duration_seconds("soon"), None);
+}
+
+#[test]
+fn rendering_is_like_kubectl_logs() {
+    let text = "2024-01-01T00:00:01.000000000Z stdout F one\n\
+                2024-01-01T00:00:02.000000000Z stdout P t\n\
+                2024-01-01T00:00:02.500000000Z stdout F wo\n\
+                2024-01-01T00:00:03.000000000Z stderr F three\n";
+    assert_eq!(
+        logs_cmd::render(text, false, None, None),
+        "one\ntwo\nthree\n"
+    );
+    assert_eq!(logs_cmd::render(text, false, Some(1), None), "three\n");
+    assert_eq!(
+        logs_cmd::render(text, true, Some(2), None),
+        "2024-01-01T00:00:02.000000000Z two\n2024-01-01T00:00:03.000000000Z three\n"
+    );
+    let since = cri_log::parse_rfc3339_nanos("2024-01-01T00:00:02Z").unwrap();
+    assert_eq!(
+        logs_cmd::render(text, false, None, Some(since)),
+        "two\nthree\n"
+    );
+}
+
+#[test]
+fn logs_command_lists_filters_and_prints() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::new(dir.path(), 3);
+    for (n, (pod, container)) in [("job-a", "main"), ("job-b", "main"), ("job-b", "side")]
+        .iter()
+        .enumerate()
+    {
+        let id = ContainerId::parse(&format!("{n}{}", &ID[1..])).unwrap();
+        let mut meta = meta(&id);
+        meta.pod = pod.to_string();
+        meta.container = container.to_string();
+        meta.exit_code = Some(n as i32);
+        let line = format!("2024-01-01T00:00:0{n}.000000000Z stdout F from {pod}/{container}\n");
+        store
+            .append_generation(&meta, 1, &mut line.as_bytes())
+            .unwrap();
+        store.complete(&meta).unwrap();
+    }
+    let run = |args: logs_cmd::LogsArgs| {
+        let mut out = Vec::new();
+        logs_cmd::run(&args, &mut out).map(|()| String::from_utf8(out).unwrap())
+    };
+    let base = || logs_cmd::LogsArgs {
+        dir: Some(dir.path().to_path_buf()),
+        ..Default::default()
+    };
+    let table = run(logs_cmd::LogsArgs {
+        pod: Some("job-b".into()),
+        ..base()
+    })
+    .unwrap();
+    assert_eq!(table.lines().count(), 3, "{table}");
+    assert!(table.starts_with("NAMESPACE"));
+    assert!(table.contains("side") && !table.contains("job-a"));
+    let json = run(logs_cmd::LogsArgs {
+        json: true,
+        container: Some("main".into()),
+        ..base()
+    })
+    .unwrap();
+    let listed: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 2);
+    assert_eq!(listed[0]["namespace"], "batch");
+    let printed = run(logs_cmd::LogsArgs {
+        id: Some("1123".into()),
+        ..base()
+    })
+    .unwrap();
+    assert_eq!(printed, "from job-b/main\n");
+    assert!(run(logs_cmd::LogsArgs {
+        id: Some("nomatch".into()),
+        ..base()
+    })
+    .is_err());
+}
+
+// ---- config ---------------------------------------------------------------------------------
+
+#[test]
+fn archive_config_defaults_and_refusals() {
+    let config: Config = toml::from_str("").unwrap();
+    assert!(config.archive.enabled);
+    assert!(config.archive.serve_kubelet);
+    assert_eq!(
+        config.archive.staging_dir,
+        PathBuf::from("/var/log/dockhand/staging")
+    );
+    config.validate().unwrap();
+    let parsed: Config = toml::from_str(
+        "[archive]\nenabled = false\ndir = \"/a\"\nstaging_dir = \"/s\"\nrestored_dir = \"/r\"\n\
+         pod_logs_dir = \"/p\"\nmax_bytes = 10\nmax_age_seconds = 0\nmin_free_percent = 0\n\
+         compression_level = 1\nserve_kubelet = false\n",
+    )
+    .unwrap();
+    parsed.validate().unwrap();
+    assert!(toml::from_str::<Config>("[archive]\nmax_size = 1").is_err());
+    for bad in [
+        "restored_dir = \"/var/log/pods/restored\"",
+        "restored_dir = \"/var/lib/dock*hand\"",
+        "restored_dir = \"relative\"",
+        "dir = \"/var/lib/dockhand/restored/x\"",
+        "min_free_percent = 101",
+        "staging_dir = \"/var/log/pods/../x\"",
+    ] {
+        let config: Config = toml::from_str(&format!("[archive]\n{bad}")).unwrap();
+        assert!(config.validate().is_err(), "{bad} accepted");
+    }
+}
