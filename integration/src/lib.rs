@@ -9,8 +9,11 @@
 //! - `images`: the OCI image layout of the busybox and pause test images.
 //! - `node`: [`Node`], the sandboxed containerd, and its [`NodeOptions`].
 //! - `proxy`: [`ProxyProcess`], the `dockhand proxy` binary run inside a node.
-//! - `cri`: [`Cri`], the kubelet-like client, with [`PodSpec`] and [`ContainerSpec`].
+//! - `cri`: [`Cri`], the CRI client: one helper per call, and raw calls by method path.
+//! - `kubelet`: [`PodSpec`] and [`ContainerSpec`], the configs kubelet would send for them, and
+//!   kubelet's call sequences (removing a dead container).
 //! - `logs`: reading CRI log files.
+//! - `transcript`: comparing a scenario's outcomes straight from containerd and through the proxy.
 //! - `fake`: a fake containerd that records request bytes, and the proxy run in-process.
 //! - `cleanup`: killing processes, removing cgroups and mounts (used by the drops).
 #![forbid(unsafe_code)]
@@ -20,9 +23,11 @@ pub mod cri;
 pub mod fake;
 pub mod fixtures;
 pub mod images;
+pub mod kubelet;
 pub mod logs;
 pub mod node;
 pub mod proxy;
+pub mod transcript;
 
 pub use cri::{ContainerSpec, Cri, Pod, PodSpec};
 pub use dockhand_protos::cri as api;

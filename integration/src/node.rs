@@ -18,6 +18,8 @@ use crate::cri::Cri;
 use crate::fixtures::fixtures;
 use crate::images::{hex, BUSYBOX_IMAGE, PAUSE_IMAGE};
 
+/// Node directories are `/tmp/<DIR_PREFIX>XXXXXX` (short: unix socket paths are limited).
+const DIR_PREFIX: &str = "dockhand-node-";
 /// How long containerd gets to start serving CRI.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -99,17 +101,15 @@ pub struct Node {
     /// `Some` until drop; removed last.
     dir: Option<tempfile::TempDir>,
     containerd: Option<Child>,
-    /// The first path component of [`NodeInfo::cgroup_root`].
-    cgroup_top: String,
 }
 
 impl Node {
     /// Starts containerd, waits for CRI to answer and imports the test images.
     pub async fn start(options: NodeOptions) -> Result<Node> {
         let fixtures = fixtures()?;
-        // Under /tmp: unix socket paths must stay short.
+        reap_abandoned_nodes();
         let dir = tempfile::Builder::new()
-            .prefix("dockhand-")
+            .prefix(DIR_PREFIX)
             .tempdir_in("/tmp")?;
         let path = dir.path().to_path_buf();
         for sub in [
@@ -129,8 +129,10 @@ impl Node {
             std::fs::write(&script, text)?;
             std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))?;
         }
-        let unique = path.file_name().unwrap().to_string_lossy().into_owned();
-        let cgroup_top = unique.clone();
+        let owner = owner_id(std::process::id()).context("read /proc/self/stat")?;
+        std::fs::write(path.join("owner"), owner)?;
+        // The cgroup tree is named after the directory, so teardown finds it from the path.
+        let cgroup_top = path.file_name().unwrap().to_string_lossy().into_owned();
         let info = NodeInfo {
             containerd_socket: path.join("containerd.sock"),
             logs_root: path.join("pods"),
@@ -144,7 +146,6 @@ impl Node {
             info,
             dir: Some(dir),
             containerd: None,
-            cgroup_top,
         };
         node.start_containerd().await?;
         node.import(&fixtures.images).await?;
@@ -337,24 +338,6 @@ impl Node {
         });
         let _ = worker.join();
     }
-
-    /// Shim socket paths containerd 1.6 derives for the task directories of this node.
-    fn shim_sockets(&self) -> Vec<PathBuf> {
-        let tasks = self
-            .temp_dir()
-            .join("state/io.containerd.runtime.v2.task/k8s.io");
-        let Ok(entries) = std::fs::read_dir(tasks) else {
-            return Vec::new();
-        };
-        entries
-            .flatten()
-            .map(|e| {
-                let id = e.file_name().to_string_lossy().into_owned();
-                let key = format!("{}/k8s.io/{id}", self.info.containerd_socket.display());
-                PathBuf::from(format!("/run/containerd/s/{}", hex(&Sha256::digest(key))))
-            })
-            .collect()
-    }
 }
 
 impl Drop for Node {
@@ -365,17 +348,69 @@ impl Drop for Node {
         if let Some(mut child) = self.containerd.take() {
             terminate(&mut child, Duration::from_secs(5));
         }
-        let dir = self.temp_dir().to_path_buf();
-        // Shims (`-address <dir>/containerd.sock`), proxies (`--config <dir>/...`) and anything
-        // else started for this node.
-        cleanup::kill_processes_mentioning(&format!("{}/", dir.display()));
-        cleanup::remove_cgroup_tree(&self.cgroup_top);
-        for socket in self.shim_sockets() {
-            let _ = std::fs::remove_file(socket);
-        }
-        cleanup::unmount_under(&dir);
+        teardown(self.temp_dir());
         if let Some(dir) = self.dir.take() {
             let _ = dir.close();
+        }
+    }
+}
+
+/// Removes what a node left outside its directory, then the directory's mounts: processes that
+/// mention it (containerd, shims with `-address <dir>/containerd.sock`, proxies with
+/// `--config <dir>/...`), its cgroup tree (named after the directory) and its shim sockets.
+fn teardown(dir: &Path) {
+    cleanup::kill_processes_mentioning(&format!("{}/", dir.display()));
+    if let Some(name) = dir.file_name() {
+        cleanup::remove_cgroup_tree(&name.to_string_lossy());
+    }
+    for socket in shim_sockets(dir) {
+        let _ = std::fs::remove_file(socket);
+    }
+    cleanup::unmount_under(dir);
+}
+
+/// Shim socket paths containerd 1.6 derives for the task directories of the node in `dir`:
+/// `/run/containerd/s/<sha256(<containerd address>/<namespace>/<id>)>`.
+fn shim_sockets(dir: &Path) -> Vec<PathBuf> {
+    let tasks = dir.join("state/io.containerd.runtime.v2.task/k8s.io");
+    let Ok(entries) = std::fs::read_dir(tasks) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .map(|e| {
+            let id = e.file_name().to_string_lossy().into_owned();
+            let key = format!("{}/k8s.io/{id}", dir.join("containerd.sock").display());
+            PathBuf::from(format!("/run/containerd/s/{}", hex(&Sha256::digest(key))))
+        })
+        .collect()
+}
+
+/// `<pid> <start time>` of a live process: who owns a node directory (pids get reused).
+fn owner_id(pid: u32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 22 (start time), counted after the parenthesised command name (field 2).
+    let start = stat.rsplit(')').next()?.split_whitespace().nth(19)?;
+    Some(format!("{pid} {start}"))
+}
+
+/// Tears down nodes whose test process died without dropping them (SIGKILL, abort).
+fn reap_abandoned_nodes() {
+    let Ok(entries) = std::fs::read_dir("/tmp") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if !entry.file_name().to_string_lossy().starts_with(DIR_PREFIX) {
+            continue;
+        }
+        let dir = entry.path();
+        let Ok(owner) = std::fs::read_to_string(dir.join("owner")) else {
+            continue;
+        };
+        let pid = owner.split(' ').next().and_then(|p| p.parse::<u32>().ok());
+        if pid.and_then(owner_id).as_deref() != Some(owner.trim()) {
+            teardown(&dir);
+            let _ = std::fs::remove_dir_all(&dir);
         }
     }
 }
@@ -519,8 +554,9 @@ mod tests {
         assert!(root_line.contains("shared:"), "{root_line}");
 
         let dir = node.temp_dir().to_path_buf();
-        let sockets = node.shim_sockets();
-        let cgroup_dirs = cleanup::cgroup_dirs(&node.cgroup_top);
+        let sockets = shim_sockets(node.temp_dir());
+        let name = node.temp_dir().file_name().unwrap().to_string_lossy();
+        let cgroup_dirs = cleanup::cgroup_dirs(&name);
         assert!(!sockets.is_empty() && sockets.iter().any(|s| s.exists()));
         assert!(!cgroup_dirs.is_empty());
         drop(cri);
@@ -578,5 +614,32 @@ mod tests {
             .map(str::to_string)
             .unwrap();
         assert!(!root_line.contains("shared:"), "{root_line}");
+    }
+
+    /// A node whose test process died without dropping it is torn down by the next start.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn abandoned_nodes_are_reaped() {
+        let node = Node::start(NodeOptions::default()).await.unwrap();
+        let cri = node.cri().await.unwrap();
+        let pod = cri.run_pod(&PodSpec::new("abandoned")).await.unwrap();
+        cri.run_container(&pod, &ContainerSpec::sleeper("sleeper"))
+            .await
+            .unwrap();
+        drop(cri);
+        let dir = node.temp_dir().to_path_buf();
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        let sockets = shim_sockets(&dir);
+        // As if the owner had been SIGKILLed: no Drop, and its pid is gone.
+        std::fs::write(dir.join("owner"), "4194304 1").unwrap();
+        std::mem::forget(node);
+
+        reap_abandoned_nodes();
+        assert!(!dir.exists(), "{} left behind", dir.display());
+        assert_eq!(
+            cleanup::processes_mentioning(&format!("{}/", dir.display())),
+            Vec::<u32>::new()
+        );
+        assert_eq!(cleanup::cgroup_dirs(&name), Vec::<PathBuf>::new());
+        assert!(sockets.iter().all(|s| !s.exists()));
     }
 }

@@ -182,5 +182,31 @@ pub fn proxy_binary() -> Result<PathBuf> {
             bin.display()
         );
     }
+    if std::env::var_os("DOCKHAND_BIN").is_none() && older_than_sources(&bin) {
+        // Shown with the test's output when it fails: the likely reason.
+        eprintln!(
+            "warning: {} is older than proxy/src: rebuild it with `cargo build --bins`",
+            bin.display()
+        );
+    }
     Ok(bin)
+}
+
+/// Whether some file under `<workspace>/proxy/src` changed after `bin` was built.
+fn older_than_sources(bin: &Path) -> bool {
+    fn newest(dir: &Path) -> Option<std::time::SystemTime> {
+        let mut latest = None;
+        for entry in std::fs::read_dir(dir).ok()?.flatten() {
+            let modified = if entry.file_type().ok()?.is_dir() {
+                newest(&entry.path())
+            } else {
+                entry.metadata().ok()?.modified().ok()
+            };
+            latest = latest.max(modified);
+        }
+        latest
+    }
+    let built = std::fs::metadata(bin).and_then(|m| m.modified()).ok();
+    let sources = newest(&crate::fixtures::workspace_dir().join("proxy/src"));
+    matches!((built, sources), (Some(built), Some(sources)) if sources > built)
 }

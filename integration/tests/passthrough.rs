@@ -3,12 +3,12 @@
 //! Then what only a proxy can get wrong: big messages, SIGTERM, containerd going away and back.
 
 use std::collections::HashMap;
-use std::fmt::Debug;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use dockhand_integration::api;
+use dockhand_integration::transcript::{assert_same, Transcript};
 use dockhand_integration::{
     read_log, ContainerSpec, Cri, Node, NodeOptions, PodSpec, ProxyProcess, BUSYBOX_IMAGE,
     PAUSE_IMAGE,
@@ -36,126 +36,6 @@ async fn setup() -> Result<Setup> {
         direct,
         via_proxy,
     })
-}
-
-/// What a scenario observed, step by step, in a form both ways can be compared in.
-#[derive(Default)]
-struct Transcript {
-    steps: Vec<(String, String)>,
-    /// Strings that legitimately differ between the two runs (pod uids), replaced before compare.
-    aliases: Vec<(String, String)>,
-}
-
-impl Transcript {
-    fn record<T: Debug>(&mut self, step: &str, outcome: &Result<T, Status>) {
-        let text = match outcome {
-            Ok(value) => format!("{value:#?}"),
-            // Metadata may legitimately differ (transport headers); code and message may not.
-            Err(status) => format!("Err({:?}, {:?})", status.code(), status.message()),
-        };
-        self.steps.push((step.to_string(), text));
-    }
-
-    /// Like `record`, for an outcome already rendered as text.
-    fn record_text(&mut self, step: &str, outcome: Result<String, Status>) {
-        match outcome {
-            Ok(text) => self.note(step, text),
-            Err(status) => self.record::<()>(step, &Err(status)),
-        }
-    }
-
-    fn note(&mut self, step: &str, text: String) {
-        self.steps.push((step.to_string(), text));
-    }
-
-    fn alias(&mut self, value: &str, name: &str) {
-        self.aliases.push((value.to_string(), name.to_string()));
-    }
-
-    /// The transcript with aliases applied, 64-hex ids numbered by first appearance, nanosecond
-    /// timestamps and RFC 3339 times blanked, and map entries sorted (HashMap order is random).
-    fn normalised(&self) -> Vec<(String, String)> {
-        let mut ids: HashMap<String, String> = HashMap::new();
-        self.steps
-            .iter()
-            .map(|(step, text)| {
-                let mut text = text.clone();
-                for (value, name) in &self.aliases {
-                    text = text.replace(value, name);
-                }
-                (
-                    step.clone(),
-                    sort_map_entries(&normalise_tokens(&text, &mut ids)),
-                )
-            })
-            .collect()
-    }
-}
-
-fn normalise_tokens(text: &str, ids: &mut HashMap<String, String>) -> String {
-    let mut out = String::new();
-    let mut token = String::new();
-    let flush = |token: &mut String, out: &mut String, ids: &mut HashMap<String, String>| {
-        let is_hex = token.len() == 64 && token.chars().all(|c| c.is_ascii_hexdigit());
-        let is_nanos = token.len() == 19 && token.chars().all(|c| c.is_ascii_digit());
-        if is_hex {
-            let next = format!("<id{}>", ids.len());
-            out.push_str(ids.entry(token.clone()).or_insert(next));
-        } else if is_nanos {
-            out.push_str("<nanos>");
-        } else if looks_like_rfc3339(token) {
-            out.push_str("<time>");
-        } else {
-            out.push_str(token);
-        }
-        token.clear();
-    };
-    for c in text.chars() {
-        if c.is_ascii_alphanumeric() || matches!(c, '-' | ':' | '.') {
-            token.push(c);
-        } else {
-            flush(&mut token, &mut out, ids);
-            out.push(c);
-        }
-    }
-    flush(&mut token, &mut out, ids);
-    out
-}
-
-fn looks_like_rfc3339(token: &str) -> bool {
-    let bytes = token.as_bytes();
-    bytes.len() >= 20
-        && bytes[4] == b'-'
-        && bytes[7] == b'-'
-        && bytes[10] == b'T'
-        && bytes[13] == b':'
-}
-
-/// Sorts runs of consecutive `"key": value,` lines (map entries in pretty Debug output).
-fn sort_map_entries(text: &str) -> String {
-    let mut out: Vec<String> = Vec::new();
-    let mut run: Vec<String> = Vec::new();
-    for line in text.lines() {
-        if line.trim_start().starts_with('"') && line.contains("\": ") {
-            run.push(line.to_string());
-        } else {
-            run.sort();
-            out.append(&mut run);
-            out.push(line.to_string());
-        }
-    }
-    run.sort();
-    out.append(&mut run);
-    out.join("\n")
-}
-
-/// Asserts that the scenario looked the same both ways, step by step.
-fn assert_same(direct: &Transcript, via_proxy: &Transcript) {
-    let (direct, via_proxy) = (direct.normalised(), via_proxy.normalised());
-    for (d, p) in direct.iter().zip(&via_proxy) {
-        assert_eq!(d, p, "step {:?} differs through the proxy", d.0);
-    }
-    assert_eq!(direct.len(), via_proxy.len(), "different number of steps");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -236,6 +116,19 @@ async fn container_lifecycle(cri: &Cri, t: &mut Transcript) -> Result<()> {
         )
         .await;
     t.record_text("exec", exec.map(readable));
+    // Streaming exec: the URL of containerd's own streaming server, passed through unchanged
+    // (the token at its end is new every call).
+    let request = api::ExecRequest {
+        container_id: id.clone(),
+        cmd: vec!["true".into()],
+        stdout: true,
+        ..Default::default()
+    };
+    let url = cri.runtime().exec(request).await.map(|r| {
+        let url = r.into_inner().url;
+        url[..url.rfind('/').unwrap_or(0)].to_string()
+    });
+    t.record_text("exec url", url);
     let missing = cri.exec_sync(&id, &["/no/such"], 10).await;
     t.record_text("exec unknown binary", missing.map(readable));
 
@@ -331,6 +224,11 @@ async fn container_lifecycle_looks_the_same_through_the_proxy() -> Result<()> {
         );
     }
     assert!(steps["status removed"].starts_with("Err(NotFound"));
+    assert!(
+        steps["exec url"].starts_with("http://127.0.0.1:"),
+        "{}",
+        steps["exec url"]
+    );
     Ok(())
 }
 
@@ -507,5 +405,18 @@ async fn containerd_down_is_unavailable_then_recovers_without_restart() -> Resul
     s.via_proxy.stop_pod(&pod.id).await?;
     s.via_proxy.remove_pod(&pod.id).await?;
     assert_eq!(s.proxy.pid(), proxy_pid, "the proxy was restarted");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn restarts_after_sigkill_on_the_stale_socket() -> Result<()> {
+    let mut s = setup().await?;
+    s.proxy.kill9();
+    // What a crash leaves: the socket file, with nobody listening.
+    assert!(s.proxy.socket().exists());
+    assert!(s.via_proxy.version().await.is_err());
+    s.proxy.restart().await?;
+    let cri = s.proxy.cri().await?;
+    assert_eq!(cri.version().await?, s.direct.version().await?);
     Ok(())
 }

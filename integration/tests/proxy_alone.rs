@@ -343,3 +343,42 @@ async fn a_fake_that_comes_back_is_reached_without_restart() {
         }
     }
 }
+
+#[test]
+fn a_bad_config_is_a_clear_error_and_exit_code_64() {
+    let bin = dockhand_integration::proxy::proxy_binary().expect("dockhand binary");
+    let dir = tempfile::tempdir().unwrap();
+    for (text, says) in [
+        ("lisen = \"/run/x.sock\"\n", "unknown field `lisen`"),
+        (
+            "[propagation]\nmode = \"sometimes\"\n",
+            "unknown variant `sometimes`",
+        ),
+        (
+            "listen = \"relative.sock\"\n",
+            "listen: relative.sock is not an absolute path",
+        ),
+        (
+            "metrics_address = \"0.0.0.0:9\"\n",
+            "is not a loopback address",
+        ),
+    ] {
+        let config = dir.path().join("config.toml");
+        std::fs::write(&config, text).unwrap();
+        let out = std::process::Command::new(&bin)
+            .args(["proxy", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{text}: {stderr}");
+        assert!(stderr.contains(says), "{text}: {stderr}");
+    }
+    let out = std::process::Command::new(&bin)
+        .args(["proxy", "--config"])
+        .arg(dir.path().join("missing.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read config file"));
+}

@@ -378,3 +378,42 @@ async fn sigkilled_delegate_exits_the_task_and_the_shim_and_leaves_nothing() {
     drop(cri);
     drop(node);
 }
+
+/// containerd 1.x reconnects to shims through the bundle's `address` file after a restart; the
+/// shim points it at itself, so the restarted containerd keeps going through the shim.
+#[tokio::test(flavor = "multi_thread")]
+async fn restarted_containerd_reconnects_through_the_shim() {
+    let shim = ShimInstall::new().unwrap();
+    let mut node = node_with(Some(&shim)).await.unwrap();
+    let cri = node.cri().await.unwrap();
+    let pod = cri.run_pod(&PodSpec::new("restart")).await.unwrap();
+    let id = cri.run_container(&pod, &worker("keep")).await.unwrap();
+    let daemons = shim.daemons();
+    assert_eq!(daemons.len(), 1);
+    drop(cri);
+
+    node.stop_containerd().await.unwrap();
+    node.start_containerd().await.unwrap();
+    let cri = node.cri().await.unwrap();
+
+    let out = cri
+        .exec_sync(&id, &["echo", "still here"], 10)
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "still here\n");
+    assert_eq!(shim.daemons(), daemons, "the same shim serves the pod");
+    cri.stop_container(&id, 10).await.unwrap();
+    let status = cri.wait_exited(&id, Duration::from_secs(20)).await.unwrap();
+    assert_eq!(status.exit_code, 7);
+    cri.remove_container(&id).await.unwrap();
+    assert_eq!(record::read(&shim.records(), &id).unwrap(), None);
+    cri.stop_pod(&pod.id).await.unwrap();
+    cri.remove_pod(&pod.id).await.unwrap();
+    assert!(
+        wait_gone(&daemons, Duration::from_secs(10)),
+        "shim outlived its pod"
+    );
+    assert!(record::list(&shim.records()).unwrap().is_empty());
+    drop(cri);
+    drop(node);
+}

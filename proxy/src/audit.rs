@@ -12,7 +12,7 @@ use dockhand_protos::cri::{
 use serde::Serialize;
 
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
-use crate::propagation::{Rule, DECISION_ANNOTATION};
+use crate::propagation::{Resolver, Rule, DECISION_ANNOTATION};
 
 #[derive(clap::Args)]
 pub struct PropagationArgs {
@@ -63,10 +63,11 @@ pub fn findings_for(
         })
     };
     let label = |key: &str| labels.get(key).cloned().unwrap_or_default();
+    let mut resolver = Resolver::default();
     mounts
         .iter()
         .filter_map(|m| {
-            let (propagation, status) = if rule.matches(m).is_some() {
+            let (propagation, status) = if rule.matches(m, &mut resolver).is_some() {
                 if decided(&m.container_path, "private") {
                     ("rprivate", "fallback")
                 } else {
@@ -77,7 +78,7 @@ pub fn findings_for(
                     propagation: MountPropagation::PropagationPrivate as i32,
                     ..m.clone()
                 };
-                rule.matches(&as_private)?;
+                rule.matches(&as_private, &mut resolver)?;
                 if decided(&m.container_path, "rslave") {
                     ("rslave", "rewritten")
                 } else {

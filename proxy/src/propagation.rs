@@ -82,13 +82,13 @@ impl Rule {
     /// The resolved source of `mount` when the rule covers it: propagation left to the runtime
     /// (PRIVATE), an absolute host path, inside the docker root or an ancestor of it, or inside
     /// an extra path.
-    pub fn matches(&self, mount: &Mount) -> Option<PathBuf> {
+    pub fn matches(&self, mount: &Mount, resolver: &mut Resolver) -> Option<PathBuf> {
         if mount.propagation != MountPropagation::PropagationPrivate as i32
             || !Path::new(&mount.host_path).is_absolute()
         {
             return None;
         }
-        let source = resolve(Path::new(&mount.host_path));
+        let source = resolver.resolve(Path::new(&mount.host_path));
         let docker = is_within(&self.docker_root, &source) || is_within(&source, &self.docker_root);
         let extra = self.extra.iter().any(|root| is_within(&source, root));
         (docker || extra).then_some(source)
@@ -103,10 +103,11 @@ pub fn decide<E: fmt::Display>(
     mounts: &[Mount],
     table: impl FnOnce() -> Result<MountTable, E>,
 ) -> Vec<MountDecision> {
+    let mut resolver = Resolver::default();
     let matched: Vec<(usize, &Mount, PathBuf)> = mounts
         .iter()
         .enumerate()
-        .filter_map(|(i, m)| rule.matches(m).map(|source| (i, m, source)))
+        .filter_map(|(i, m)| rule.matches(m, &mut resolver).map(|source| (i, m, source)))
         .collect();
     if matched.is_empty() {
         return Vec::new();
@@ -150,29 +151,77 @@ pub fn is_within(path: &Path, root: &Path) -> bool {
         .all(|c| path.next() == Some(c))
 }
 
-/// Resolves symlinks as containerd will before it mounts: the existing part of the path is
-/// canonicalized and the missing rest (containerd creates it) is appended as written.
-/// Read-only: nothing is created or followed beyond `stat`.
-pub fn resolve(path: &Path) -> PathBuf {
-    let mut existing = path.to_path_buf();
-    let mut missing = Vec::new();
-    loop {
-        match std::fs::canonicalize(&existing) {
-            Ok(mut resolved) => {
-                for part in missing.iter().rev() {
-                    resolved.push(part);
-                }
-                return lexically_clean(&resolved);
-            }
-            Err(_) => match (existing.parent(), existing.file_name()) {
-                (Some(parent), Some(name)) => {
-                    missing.push(name.to_os_string());
-                    existing = parent.to_path_buf();
-                }
-                _ => return lexically_clean(path),
-            },
-        }
+/// Resolves symlinks as containerd will before it mounts (Go's `filepath.EvalSymlinks` on the
+/// existing part; the missing rest, which containerd creates, is appended as written). Read-only:
+/// `lstat` and `readlink`, nothing is created. Results are remembered for the life of the
+/// resolver, one CreateContainer, so mounts that share a prefix (kubelet's volume directories)
+/// cost one `lstat` per new component.
+#[derive(Default)]
+pub struct Resolver {
+    /// `resolved parent + name` → what it resolves to; `None` when it does not exist.
+    memo: HashMap<PathBuf, Option<PathBuf>>,
+}
+
+/// Symlinks followed in one resolution before giving up (as the kernel's ELOOP).
+const MAX_SYMLINKS: usize = 40;
+
+impl Resolver {
+    pub fn resolve(&mut self, path: &Path) -> PathBuf {
+        let mut budget = MAX_SYMLINKS;
+        self.resolve_from(PathBuf::from("/"), path, &mut budget)
     }
+
+    fn resolve_from(&mut self, mut resolved: PathBuf, path: &Path, budget: &mut usize) -> PathBuf {
+        let mut components = path.components();
+        while let Some(component) = components.next() {
+            match component {
+                Component::RootDir => resolved = PathBuf::from("/"),
+                Component::CurDir | Component::Prefix(_) => {}
+                Component::ParentDir => {
+                    resolved.pop();
+                }
+                Component::Normal(name) => {
+                    let candidate = resolved.join(name);
+                    let next = match self.memo.get(&candidate) {
+                        Some(known) => known.clone(),
+                        None => {
+                            let found = self.step(&resolved, &candidate, budget);
+                            self.memo.insert(candidate, found.clone());
+                            found
+                        }
+                    };
+                    match next {
+                        Some(next) => resolved = next,
+                        None => {
+                            // Missing from here on: containerd creates the rest as written.
+                            resolved.push(name);
+                            return lexically_clean(&resolved.join(components.as_path()));
+                        }
+                    }
+                }
+            }
+        }
+        resolved
+    }
+
+    /// One existing component: itself, or where its symlink leads.
+    fn step(&mut self, parent: &Path, candidate: &Path, budget: &mut usize) -> Option<PathBuf> {
+        let meta = std::fs::symlink_metadata(candidate).ok()?;
+        if !meta.file_type().is_symlink() {
+            return Some(candidate.to_path_buf());
+        }
+        if *budget == 0 {
+            return None;
+        }
+        *budget -= 1;
+        let target = std::fs::read_link(candidate).ok()?;
+        Some(self.resolve_from(parent.to_path_buf(), &target, budget))
+    }
+}
+
+/// Resolves one path with a fresh [`Resolver`].
+pub fn resolve(path: &Path) -> PathBuf {
+    Resolver::default().resolve(path)
 }
 
 /// Removes `.` and applies `..` without touching the filesystem (for the part that does not exist).

@@ -251,3 +251,41 @@ pub async fn serve(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_stale_socket_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run/dockhand.sock");
+        drop(bind(&path).unwrap());
+        // The listener is gone but its file stays: nobody answers there.
+        assert!(path.exists());
+        let _listener = bind(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o660);
+    }
+
+    #[tokio::test]
+    async fn a_live_socket_is_not_stolen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dockhand.sock");
+        let _first = bind(&path).unwrap();
+        assert!(matches!(bind(&path), Err(ServerError::InUse { .. })));
+    }
+
+    #[tokio::test]
+    async fn files_and_symlinks_are_never_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("file.sock");
+        std::fs::write(&file, "precious").unwrap();
+        assert!(matches!(bind(&file), Err(ServerError::NotASocket { .. })));
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "precious");
+        let link = dir.path().join("link.sock");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        assert!(matches!(bind(&link), Err(ServerError::NotASocket { .. })));
+        assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+    }
+}

@@ -1,57 +1,122 @@
-//! The connection to containerd: one lazily connected HTTP/2 channel over its unix socket that
-//! reconnects by itself. A containerd that is down answers UNAVAILABLE at once, never a hang.
+//! The connection to containerd: one shared HTTP/2 connection over its unix socket, used by every
+//! call at once (HTTP/2 multiplexes), made again by the first call after it breaks. A containerd
+//! that is down answers UNAVAILABLE at once, never a hang.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dockhand_protos::codec;
 use http::{HeaderValue, Method, Uri};
-use hyper_util::rt::TokioIo;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::UnixStream;
 use tonic::body::Body;
-use tonic::transport::{Channel, Endpoint};
 use tonic::Status;
-use tower::ServiceExt;
 
 use crate::grpc::Reply;
 
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot connect")]
+    Connect(#[source] std::io::Error),
+    #[error("connecting took longer than {0:?}")]
+    ConnectTimeout(Duration),
+    #[error("http/2 handshake failed")]
+    Handshake(#[source] hyper::Error),
+    #[error("request failed")]
+    Send(#[source] hyper::Error),
+}
+
 #[derive(Clone)]
 pub struct Upstream {
-    channel: Channel,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     socket: PathBuf,
+    connect_timeout: Duration,
+    /// The live connection's handle; replaced when it closes.
+    sender: Mutex<Option<SendRequest<Body>>>,
 }
 
 impl Upstream {
+    /// Does not connect: the first call does.
     pub fn new(socket: &Path, connect_timeout: Duration) -> Upstream {
-        let path = socket.to_path_buf();
-        let connector = tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move { UnixStream::connect(path).await.map(TokioIo::new) }
-        });
-        // The URI only names the :authority; the connector decides where bytes go.
-        let channel = Endpoint::from_static("http://localhost")
-            .connect_timeout(connect_timeout)
-            .connect_with_connector_lazy(connector);
         Upstream {
-            channel,
-            socket: socket.to_path_buf(),
+            inner: Arc::new(Inner {
+                socket: socket.to_path_buf(),
+                connect_timeout,
+                sender: Mutex::new(None),
+            }),
         }
     }
 
     pub fn socket(&self) -> &Path {
-        &self.socket
+        &self.inner.socket
+    }
+
+    async fn sender(&self) -> Result<SendRequest<Body>, UpstreamError> {
+        if let Some(sender) = self.inner.sender.lock().unwrap().as_ref() {
+            if !sender.is_closed() {
+                return Ok(sender.clone());
+            }
+        }
+        // Several calls may reconnect at once after a break; the last connection made wins and
+        // the others serve the calls that made them, then close.
+        let timeout = self.inner.connect_timeout;
+        let stream = tokio::time::timeout(timeout, UnixStream::connect(&self.inner.socket))
+            .await
+            .map_err(|_| UpstreamError::ConnectTimeout(timeout))?
+            .map_err(UpstreamError::Connect)?;
+        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(1 << 20)
+            .initial_connection_window_size(4 << 20)
+            .max_send_buf_size(codec::MAX_MESSAGE_BYTES)
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(UpstreamError::Handshake)?;
+        let socket = self.inner.socket.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::warn!(socket = %socket.display(), error = %e, "connection to containerd broke");
+            }
+        });
+        tracing::debug!(socket = %self.inner.socket.display(), "connected to containerd");
+        *self.inner.sender.lock().unwrap() = Some(sender.clone());
+        Ok(sender)
+    }
+
+    async fn try_send(
+        &self,
+        mut request: http::Request<Body>,
+    ) -> Result<http::Response<Body>, UpstreamError> {
+        let mut sender = self.sender().await?;
+        // HTTP/2 wants :scheme and :authority; the path is the caller's.
+        let mut parts = request.uri().clone().into_parts();
+        parts.scheme = Some(http::uri::Scheme::HTTP);
+        parts.authority = Some(http::uri::Authority::from_static("localhost"));
+        if let Ok(uri) = Uri::from_parts(parts) {
+            *request.uri_mut() = uri;
+        }
+        sender.ready().await.map_err(UpstreamError::Send)?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(UpstreamError::Send)?;
+        Ok(response.map(Body::new))
     }
 
     /// Sends a request as it is and returns containerd's response unread (streams stay streams).
     pub async fn send(&self, request: http::Request<Body>) -> http::Response<Body> {
-        match self.channel.clone().oneshot(request).await {
+        match self.try_send(request).await {
             Ok(response) => response,
             Err(e) => {
                 let cause = error_chain(&e);
-                tracing::warn!(socket = %self.socket.display(), error = %cause, "containerd unavailable");
+                tracing::warn!(socket = %self.inner.socket.display(), error = %cause, "containerd unavailable");
                 Status::unavailable(format!(
                     "dockhand: containerd at {} is unavailable: {cause}",
-                    self.socket.display()
+                    self.inner.socket.display()
                 ))
                 .into_http()
             }
@@ -60,8 +125,9 @@ impl Upstream {
 
     /// Makes a unary call of dockhand's own (not on behalf of a caller).
     pub async fn unary(&self, path: &'static str, message: &[u8]) -> Reply {
-        let mut request =
-            http::Request::new(Body::new(http_body_util::Full::new(codec::frame(message))));
+        let mut request = http::Request::new(Body::new(http_body_util::Full::new(codec::frame(
+            message,
+        ))));
         *request.method_mut() = Method::POST;
         *request.uri_mut() = Uri::from_static(path);
         let headers = request.headers_mut();

@@ -24,7 +24,7 @@ use dockhand_protos::record::{
     self, CgroupMounts, PodRef, Record, RecordError, Source, State, RECORD_VERSION,
 };
 use serde::Deserialize;
-use tracing::{debug, info, info_span, warn};
+use tracing::{debug, info, warn};
 
 use crate::forward::Observer;
 
@@ -111,15 +111,14 @@ impl Recorder {
                 source,
             }
         })?;
-        let _span = info_span!("create", container = %req.id).entered();
         if !record::is_container_id(&req.id) {
-            debug!("not a CRI container id; no record");
+            debug!(container = %req.id, "not a CRI container id; no record");
             return Ok(());
         }
         let spec_path = Path::new(&req.bundle).join("config.json");
         let spec = read_spec(&spec_path)?;
         let Some(cgroups_path) = spec.linux.and_then(|l| l.cgroups_path) else {
-            debug!("no linux.cgroupsPath; no record");
+            debug!(container = %req.id, "no linux.cgroupsPath; no record");
             return Ok(());
         };
         let (driver, rel) = record::cgroup_rel_path(&cgroups_path)?;
@@ -151,7 +150,7 @@ impl Recorder {
         };
         warn_mismatch(&record);
         let path = record::write(&self.dir, &record)?;
-        info!(path = %path.display(), "record written");
+        info!(container = %req.id, path = %path.display(), "record written");
         Ok(())
     }
 
@@ -172,9 +171,8 @@ impl Recorder {
                 source,
             }
         })?;
-        let _span = info_span!("start", container = %req.id).entered();
         let Some(mut record) = record::read(&self.dir, &req.id)? else {
-            debug!("no record to complete");
+            debug!(container = %req.id, "no record to complete");
             return Ok(());
         };
         record.state = State::Started;
@@ -191,7 +189,7 @@ impl Recorder {
         }
         warn_mismatch(&record);
         record::write(&self.dir, &record)?;
-        info!(pid = ?record.pid, "record completed");
+        info!(container = %req.id, pid = ?record.pid, "record completed");
         Ok(())
     }
 
