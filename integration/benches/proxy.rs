@@ -438,9 +438,11 @@ fn edit_section() {
         std::hint::black_box(cri::CreateContainerRequest::decode(create.clone()).unwrap());
     });
     let decide_only = time(&mut || {
-        std::hint::black_box(decide(&rule, &request.config.as_ref().unwrap().mounts, || {
-            dockhand::mountinfo::MountTable::parse(&table_text)
-        }));
+        std::hint::black_box(decide(
+            &rule,
+            &request.config.as_ref().unwrap().mounts,
+            || dockhand::mountinfo::MountTable::parse(&table_text),
+        ));
     });
     let read_table = time(&mut || {
         std::hint::black_box(dockhand::mountinfo::MountTable::read().unwrap());
@@ -502,7 +504,8 @@ fn main() {
     // `cargo bench` passes --bench; nothing else is accepted.
     let runtime = tokio::runtime::Runtime::new().unwrap();
     // DOCKHAND_BENCH=fake,edit,containerd picks sections (all by default).
-    let sections = std::env::var("DOCKHAND_BENCH").unwrap_or_else(|_| "fake,edit,containerd".into());
+    let sections =
+        std::env::var("DOCKHAND_BENCH").unwrap_or_else(|_| "fake,edit,containerd".into());
     runtime.block_on(async {
         if sections.contains("fake") {
             fake_section().await;

@@ -14,6 +14,7 @@
 //! - `propagation`: Docker-parity mount propagation (CreateContainer).
 //! - `mountinfo`: the host's mount table and each mount's propagation.
 //! - `audit`: `dockhand audit propagation`.
+//! - `check`: `dockhand check`, a node-problem-detector plugin.
 //! - `archive`: the container log archive (StartContainer to RemoveContainer, `dockhand logs`).
 //! - `cri_client`: a CRI client over a unix socket for the command line.
 //! - `table`: aligned text tables for the command line.
@@ -21,6 +22,7 @@
 
 pub mod archive;
 pub mod audit;
+pub mod check;
 pub mod config;
 pub mod cri_client;
 pub mod grpc;

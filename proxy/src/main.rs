@@ -33,6 +33,8 @@ enum Command {
     /// Find what would break after a migration without dockhand.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Health check for node-problem-detector: exit 0 OK, 1 problem, 2 unknown; one line of text.
+    Check(dockhand::check::CheckArgs),
     /// List archived containers, or print one's logs like `kubectl logs`.
     Logs(dockhand::archive::logs_cmd::LogsArgs),
 }
@@ -78,6 +80,11 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Proxy(args) => proxy(args).await,
+            Command::Check(args) => {
+                let (verdict, message) = dockhand::check::check(&args).await;
+                println!("{message}");
+                Ok(ExitCode::from(verdict as u8))
+            }
             Command::Audit(AuditCommand::Propagation(args)) => {
                 audit::propagation(args).await.map(|()| ExitCode::SUCCESS)
             }

@@ -286,6 +286,9 @@ mod tests {
         let link = dir.path().join("link.sock");
         std::os::unix::fs::symlink(&file, &link).unwrap();
         assert!(matches!(bind(&link), Err(ServerError::NotASocket { .. })));
-        assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+        assert!(std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
     }
 }

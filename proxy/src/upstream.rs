@@ -125,9 +125,8 @@ impl Upstream {
 
     /// Makes a unary call of dockhand's own (not on behalf of a caller).
     pub async fn unary(&self, path: &'static str, message: &[u8]) -> Reply {
-        let mut request = http::Request::new(Body::new(http_body_util::Full::new(codec::frame(
-            message,
-        ))));
+        let mut request =
+            http::Request::new(Body::new(http_body_util::Full::new(codec::frame(message))));
         *request.method_mut() = Method::POST;
         *request.uri_mut() = Uri::from_static(path);
         let headers = request.headers_mut();

@@ -221,10 +221,19 @@ fn resolver_follows_relative_and_chained_links_and_parent_dirs() {
     std::os::unix::fs::symlink(root.join("rel/inner"), root.join("chain")).unwrap();
     std::os::unix::fs::symlink("loop", root.join("loop")).unwrap();
     let mut resolver = Resolver::default();
-    assert_eq!(resolver.resolve(&root.join("rel/inner")), root.join("real/inner"));
-    assert_eq!(resolver.resolve(&root.join("chain/new/x")), root.join("real/inner/new/x"));
+    assert_eq!(
+        resolver.resolve(&root.join("rel/inner")),
+        root.join("real/inner")
+    );
+    assert_eq!(
+        resolver.resolve(&root.join("chain/new/x")),
+        root.join("real/inner/new/x")
+    );
     // `..` after a link applies to where the link led, as Go's EvalSymlinks does.
-    assert_eq!(resolver.resolve(&root.join("chain/../inner")), root.join("real/inner"));
+    assert_eq!(
+        resolver.resolve(&root.join("chain/../inner")),
+        root.join("real/inner")
+    );
     // A loop ends (the path is then treated as missing) instead of hanging.
     assert_eq!(resolver.resolve(&root.join("loop/x")), root.join("loop/x"));
 }
