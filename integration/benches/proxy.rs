@@ -184,7 +184,18 @@ impl BinaryProxy {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("dockhand.sock");
         let config = dir.path().join("dockhand.toml");
-        std::fs::write(&config, "").unwrap();
+        let d = dir.path();
+        std::fs::write(
+            &config,
+            format!(
+                "[archive]\ndir = \"{}\"\nstaging_dir = \"{}\"\nrestored_dir = \"{}\"\npod_logs_dir = \"{}\"\n",
+                d.join("archive").display(),
+                d.join("staging").display(),
+                d.join("restored").display(),
+                d.join("pods").display()
+            ),
+        )
+        .unwrap();
         // Its log (a warning per fallback decision) goes to a file, as under systemd.
         let log = std::fs::File::create(dir.path().join("dockhand.log")).unwrap();
         let child = Command::new(dockhand_bin())

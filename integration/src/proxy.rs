@@ -34,11 +34,23 @@ impl ProxyProcess {
             .temp_dir()
             .join(format!("proxy-{}", NEXT.fetch_add(1, Ordering::SeqCst)));
         std::fs::create_dir_all(&dir)?;
-        let config = format!(
+        let mut config = format!(
             "listen = \"{}\"\ncontainerd = \"{}\"\n{extra_toml}\n",
             dir.join("dockhand.sock").display(),
             node.containerd_socket().display()
         );
+        // The log archive's directories live in the node's temp dir, never in the host's
+        // /var/lib/dockhand, unless the test configures the archive itself.
+        if !extra_toml.contains("[archive]") {
+            let archive = dir.join("archive");
+            config.push_str(&format!(
+                "[archive]\ndir = \"{}\"\nstaging_dir = \"{}\"\nrestored_dir = \"{}\"\npod_logs_dir = \"{}\"\n",
+                archive.join("store").display(),
+                archive.join("staging").display(),
+                archive.join("restored").display(),
+                node.logs_root().display(),
+            ));
+        }
         std::fs::write(dir.join("dockhand.toml"), config)?;
         let mut proxy = ProxyProcess {
             node: node.info().clone(),

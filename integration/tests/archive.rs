@@ -185,6 +185,10 @@ async fn job_logs_survive_kubelet_garbage_collection() -> Result<()> {
     for id in &ids {
         assert_eq!(dockhand_logs(&dirs, &[id])?, "Hello, Kubernetes!\n");
     }
+    let stamped = dockhand_logs(&dirs, &["--timestamps", "--tail", "1", &ids[0]])?;
+    let (time, message) = stamped.split_once(' ').context("no timestamp")?;
+    assert!(time.starts_with("20") && time.ends_with('Z'), "{stamped}");
+    assert_eq!(message, "Hello, Kubernetes!\n");
 
     // `kubectl logs` after GC: kubelet asks ContainerStatus and reads log_path itself.
     for id in &ids {

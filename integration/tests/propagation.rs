@@ -163,6 +163,33 @@ async fn rootfs_sees_later_host_mounts_through_the_proxy_only() -> Result<()> {
     );
     assert_eq!(decision(&direct, &plain).await?, None);
 
+    // The operator's view: the audit names the container that would break, and the metric counts.
+    let audit = std::process::Command::new(proxy_binary()?)
+        .args(["audit", "propagation", "--json", "--socket"])
+        .arg(proxy.socket())
+        .output()?;
+    assert!(audit.status.success(), "{}", String::from_utf8_lossy(&audit.stderr));
+    let findings: serde_json::Value = serde_json::from_slice(&audit.stdout)?;
+    let status_of = |id: &str| {
+        findings
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["container_id"] == id && f["container_path"] == "/rootfs")
+            .map(|f| (f["status"].clone(), f["propagation"].clone()))
+    };
+    assert_eq!(status_of(&proxied), Some(("rewritten".into(), "rslave".into())));
+    assert_eq!(status_of(&plain), Some(("at-risk".into(), "rprivate".into())));
+    let metrics = http_get(port, "/metrics")?;
+    assert!(
+        metrics.contains("dockhand_propagation_rewrites_total{result=\"rslave\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("dockhand_cri_requests_total{method=\"CreateContainer\",code=\"OK\"} 1"),
+        "{metrics}"
+    );
+
     let _ = node.ns_command("umount").arg(&late).status();
     Ok(())
 }

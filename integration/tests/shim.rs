@@ -214,6 +214,7 @@ async fn records_match_proc_and_containers_behave_as_with_the_stock_shim() {
 
     let node = node_with(Some(&shim)).await.unwrap();
     let mut checked = Vec::new();
+    let mut sockets = None;
     let cgroup_root = node.cgroup_root().to_string();
     let ours = scenario(&node, |pod, id, name, pid| {
         let rec = record::read(&records, id)?.context("no record for a started container")?;
@@ -263,6 +264,9 @@ async fn records_match_proc_and_containers_behave_as_with_the_stock_shim() {
         // The sandbox has its record too.
         let sandbox = record::read(&records, &pod.id)?.context("no sandbox record")?;
         assert_eq!(sandbox.container_type.as_deref(), Some("sandbox"));
+        if sockets.is_none() {
+            sockets = Some(pod_sockets(&node, &pod.id)?);
+        }
         checked.push(id.to_string());
         Ok(())
     })
@@ -416,67 +420,4 @@ async fn restarted_containerd_reconnects_through_the_shim() {
     assert!(record::list(&shim.records()).unwrap().is_empty());
     drop(cri);
     drop(node);
-}
-
-// TEMPORARY measurement (removed before hand-off).
-fn pss_kb(pid: u32) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
-    text.lines()
-        .find(|l| l.starts_with("Pss:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
-async fn start_20(node: &Node) -> Duration {
-    let cri = node.cri().await.unwrap();
-    let pod = cri.run_pod(&PodSpec::new("bench")).await.unwrap();
-    let t0 = Instant::now();
-    for i in 0..20 {
-        cri.run_container(&pod, &ContainerSpec::sleeper(&format!("c{i}"))).await.unwrap();
-    }
-    let took = t0.elapsed();
-    cri.stop_pod(&pod.id).await.unwrap();
-    cri.remove_pod(&pod.id).await.unwrap();
-    took
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn zz_measure() {
-    let shim = ShimInstall::new().unwrap();
-    std::fs::write(shim.dir.path().join(format!("{SHIM}.json")), r#"{"recordDir": "/dev/shm/dockhand-measure"}"#).unwrap();
-    let stock_node = node_with(None).await.unwrap();
-    let ours_node = node_with(Some(&shim)).await.unwrap();
-    let mut stock = Vec::new();
-    let mut ours = Vec::new();
-    for _ in 0..8 {
-        stock.push(start_20(&stock_node).await);
-        ours.push(start_20(&ours_node).await);
-    }
-    eprintln!("MEASURE stock {stock:?}\nMEASURE ours {ours:?}");
-    let cri = ours_node.cri().await.unwrap();
-    for i in 0..std::env::var("PODS").unwrap().parse().unwrap() {
-        let pod = cri.run_pod(&PodSpec::new(&format!("mem{i}"))).await.unwrap();
-        cri.run_container(&pod, &ContainerSpec::sleeper("a")).await.unwrap();
-    }
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let d = delegate_pids(&ours_node);
-    let o = shim.daemons();
-    eprintln!("MEASURE delegate {:?} pss {:?}", d, d.iter().map(|&p| pss_kb(p)).collect::<Vec<_>>());
-    eprintln!("MEASURE ours {:?} pss {:?}", o, o.iter().map(|&p| pss_kb(p)).collect::<Vec<_>>());
-    for &p in &o {
-        let smaps = std::fs::read_to_string(format!("/proc/{p}/smaps")).unwrap();
-        let mut cur = String::new();
-        for line in smaps.lines() {
-            if line.split_whitespace().next().map(|f| f.contains('-')).unwrap_or(false) { cur = line.to_string(); }
-            if line.starts_with("Pss:") { let v: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap(); if v >= 30 && p == o[0] { eprintln!("MEASURE map {v} kB {cur}"); } }
-        }
-        let status = std::fs::read_to_string(format!("/proc/{p}/status")).unwrap();
-        eprintln!("MEASURE ours status {}", status.lines().filter(|l| l.starts_with("VmRSS") || l.starts_with("Threads")).collect::<Vec<_>>().join(" "));
-    }
-    for l in ours_node.containerd_log().lines().filter(|l| l.contains("record ") || l.contains("serving")).take(3) { eprintln!("MEASURE log {l}"); }
-    for &p in &d {
-        let status = std::fs::read_to_string(format!("/proc/{p}/status")).unwrap();
-        eprintln!("MEASURE delegate status {}", status.lines().filter(|l| l.starts_with("VmRSS") || l.starts_with("Threads")).collect::<Vec<_>>().join(" "));
-    }
 }

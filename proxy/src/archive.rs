@@ -109,6 +109,17 @@ impl ArchiveError {
     }
 }
 
+/// Why a container's log could not be kept (`dockhand_archive_lost_logs_total{reason}`).
+const LOST_REASONS: [&str; 7] = [
+    "outside_log_directory",
+    "log_missing",
+    "unsafe_path",
+    "cross_device",
+    "io_error",
+    "containerd",
+    "invalid_id",
+];
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
     reason: &'static str,
@@ -163,6 +174,13 @@ impl Metrics {
             "Container logs that could not be staged or archived, by reason",
             metrics.lost.clone(),
         );
+        // Every reason at 0 from the start, so alerts see the series before the first event.
+        for reason in ["max_age", "max_bytes", "min_free"] {
+            let _ = metrics.dropped.get_or_create(&ReasonLabels { reason });
+        }
+        for reason in LOST_REASONS {
+            let _ = metrics.lost.get_or_create(&ReasonLabels { reason });
+        }
         metrics
     }
 
@@ -196,7 +214,7 @@ enum Job {
     /// The container is gone: archive the rest and complete its entry.
     Finalize {
         id: ContainerId,
-        meta: Option<ContainerMeta>,
+        meta: Option<Box<ContainerMeta>>,
     },
 }
 
@@ -383,7 +401,7 @@ impl Archive {
             self.state().pending.insert(id.clone());
             self.queue(Job::Finalize {
                 id,
-                meta: Some(meta),
+                meta: Some(Box::new(meta)),
             });
         }
         reply
@@ -694,6 +712,8 @@ impl Archive {
         self.state()
             .archived
             .insert(id.clone(), appended.entry().clone());
+        // Right away, not after the job: the bound must hold whenever an entry is visible.
+        self.enforce_retention();
         self.pause("before_cleanup");
         self.staging.remove_generation(id, generation)?;
         Ok(())
@@ -701,8 +721,15 @@ impl Archive {
 
     fn finalize(&self, meta: &ContainerMeta) -> Result<(), ArchiveError> {
         let id = &meta.id;
-        for generation in self.staging.generations(id)? {
+        let generations = self.staging.generations(id)?;
+        let had_data = !generations.is_empty() || self.state().archived.contains_key(id);
+        for generation in generations {
             self.archive_generation(meta, generation)?;
+        }
+        if had_data && !self.state().archived.contains_key(id) {
+            tracing::info!(container_id = %id, "container log dropped by retention before completion");
+            self.staging.remove(id)?;
+            return Ok(());
         }
         let entry = self.store.complete(meta)?;
         tracing::info!(container_id = %id, pod = %format!("{}/{}", meta.namespace, meta.pod), container = %meta.container, raw_bytes = entry.raw_bytes, log_bytes = entry.log_bytes, "container log archived");
@@ -867,10 +894,18 @@ async fn reconciler(archive: Weak<Archive>) {
     }
 }
 
-/// Size on disk of one entry: its compressed log and its metadata.
+/// Room kept for the final metadata of an entry still being written (exit code, reason, times).
+const COMPLETION_SLACK_BYTES: u64 = 512;
+
+/// Size on disk of one entry: its compressed log and its metadata (as it will be once complete).
 fn disk_bytes(entry: &Entry) -> u64 {
     let meta = serde_json::to_vec_pretty(entry).map_or(0, |v| v.len() as u64);
-    entry.log_bytes + meta
+    let slack = if entry.complete {
+        0
+    } else {
+        COMPLETION_SLACK_BYTES
+    };
+    entry.log_bytes + meta + slack
 }
 
 fn remove_stale_restored(root: &Path) {

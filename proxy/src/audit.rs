@@ -19,9 +19,10 @@ pub struct PropagationArgs {
     /// CRI socket to ask: dockhand's (shows its rewrites) or containerd's.
     #[arg(long, default_value = crate::config::DEFAULT_LISTEN)]
     socket: PathBuf,
-    /// dockhand's config file, for `docker_root` and `extra_paths`.
-    #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
-    config: PathBuf,
+    /// dockhand's config file, for `docker_root` and `extra_paths` [default: /etc/dockhand/config.toml
+    /// when it exists].
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -102,10 +103,10 @@ pub fn findings_for(
 }
 
 pub async fn propagation(args: PropagationArgs) -> anyhow::Result<()> {
-    let config = Config::load(
-        &args.config,
-        args.config.as_path() != std::path::Path::new(DEFAULT_CONFIG_PATH),
-    )?;
+    let config = match &args.config {
+        Some(path) => Config::load(path, true)?,
+        None => Config::load(std::path::Path::new(DEFAULT_CONFIG_PATH), false)?,
+    };
     let rule = Rule::new(&config.propagation);
     let mut client = crate::cri_client::connect(&args.socket).await?;
     let containers = client

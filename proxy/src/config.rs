@@ -12,12 +12,12 @@ pub const DEFAULT_CONTAINERD: &str = "/run/containerd/containerd.sock";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("invalid config file {path}: {source}")]
+    #[error("invalid config file {path}")]
     Parse {
         path: PathBuf,
         source: Box<toml::de::Error>,

@@ -107,7 +107,7 @@ async fn proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
     let config = match load_config(&args) {
         Ok(config) => config,
         Err(e) => {
-            eprintln!("dockhand: {e}");
+            eprintln!("dockhand: {:#}", anyhow::Error::from(e));
             return Ok(ExitCode::from(EXIT_CONFIG));
         }
     };

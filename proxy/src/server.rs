@@ -44,7 +44,7 @@ pub enum ServerError {
         source: std::io::Error,
     },
     #[error("container log archive: {0}")]
-    Archive(#[from] crate::archive::ArchiveError),
+    Archive(crate::archive::ArchiveError),
     #[error("cannot listen on {path}: {source}")]
     Bind {
         path: PathBuf,
@@ -119,7 +119,7 @@ impl Proxy {
         let archive = if config.archive.enabled {
             match Archive::open(&config.archive, upstream.clone(), registry) {
                 Ok(archive) => Some(archive),
-                Err(e) if strict => return Err(e.into()),
+                Err(e) if strict => return Err(ServerError::Archive(e)),
                 Err(e) => {
                     tracing::error!(error = %e, "container log archive disabled");
                     None

@@ -103,13 +103,24 @@ async fn closed(mut stream: UnixStream) {
     }
 }
 
-/// Removes this shim's socket, and the delegate's when nothing listens on it any more (a
-/// SIGKILLed delegate cannot remove its own). Only sockets are removed, never through symlinks.
+/// Removes this shim's socket, and the delegate's once nothing listens on it any more.
+///
+/// The runc shim removes the socket named in the bundle's `address` file when it shuts down, and
+/// that file names this shim (see `actions`), so the delegate's own socket is left for us; a
+/// SIGKILLed delegate cannot remove it either. The delegate closes its connections a moment
+/// before its listener goes, so wait (bounded) until connecting is refused. Only sockets are
+/// removed, never through symlinks.
 pub fn cleanup(own: &Path, delegate: &Path) {
     remove_socket(own);
-    if std::os::unix::net::UnixStream::connect(delegate).is_err() {
-        remove_socket(delegate);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while std::os::unix::net::UnixStream::connect(delegate).is_ok() {
+        if Instant::now() > deadline {
+            warn!(path = %delegate.display(), "delegate socket still served; left in place");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
+    remove_socket(delegate);
 }
 
 fn remove_socket(path: &Path) {

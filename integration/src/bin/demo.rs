@@ -104,13 +104,7 @@ async fn main() -> Result<()> {
     step("dockhand audit propagation (what would break without dockhand)");
     let bin = dockhand_integration::proxy::proxy_binary()?;
     let out = Command::new(&bin)
-        .args([
-            "audit",
-            "propagation",
-            "--config",
-            "/nonexistent",
-            "--socket",
-        ])
+        .args(["audit", "propagation", "--socket"])
         .arg(proxy.socket())
         .output()?;
     print!(

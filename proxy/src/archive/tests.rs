@@ -559,3 +559,46 @@ fn archive_config_defaults_and_refusals() {
         assert!(config.validate().is_err(), "{bad} accepted");
     }
 }
+
+// ---- the archive as the proxy opens it -------------------------------------------------------
+
+#[tokio::test]
+async fn open_registers_metrics_and_loads_what_a_crash_left() {
+    let t = tree();
+    let config = crate::config::ArchiveConfig {
+        dir: t.root.join("archive"),
+        staging_dir: t.root.join("staging"),
+        restored_dir: t.root.join("restored"),
+        pod_logs_dir: t.pods.clone(),
+        ..Default::default()
+    };
+    // An archived container from a previous run.
+    let store = Store::new(&config.dir, 3);
+    store
+        .append_generation(&meta(&id()), 1, &mut "x F y\n".as_bytes())
+        .unwrap();
+    store.complete(&meta(&id())).unwrap();
+    let upstream = crate::upstream::Upstream::new(
+        &t.root.join("no-containerd.sock"),
+        std::time::Duration::from_secs(1),
+    );
+    let mut registry = prometheus_client::registry::Registry::default();
+    let archive = super::Archive::open(&config, upstream, &mut registry).unwrap();
+    assert!(archive.contains(ID));
+    assert!(!archive.contains("../etc"));
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    for name in [
+        "dockhand_archive_bytes ",
+        "dockhand_archive_containers 1",
+        "dockhand_archive_staged_containers 0",
+        "dockhand_archive_input_bytes_total",
+        "dockhand_archive_dropped_containers_total{reason=\"max_bytes\"} 0",
+        "dockhand_archive_lost_logs_total{reason=\"unsafe_path\"} 0",
+    ] {
+        assert!(text.contains(name), "{name} missing from\n{text}");
+    }
+    // Nothing is created for staging or restored copies until a container needs them.
+    assert!(!config.staging_dir.exists());
+    assert!(!config.restored_dir.exists());
+}
