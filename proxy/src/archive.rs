@@ -14,27 +14,32 @@
 //!
 //! One worker thread runs the queue in order (compression, cleanup, retention); every step is
 //! idempotent, and start-up reconciles staging and the archive with what containerd still has.
+//!
+//! Files: `staging.rs` (hard links), `store.rs` (zstd frames + `meta.json`), `worker.rs` (the
+//! queue and retention), `reconcile.rs` (staging against containerd), `retention.rs` (what to
+//! drop), `restore.rs` (what kubelet sees), `names.rs` (validated path components),
+//! `nofollow.rs` (symlink-safe file operations), `cri_log.rs` and `logs_cmd.rs` (`dockhand logs`).
 
 pub mod cri_log;
 pub mod logs_cmd;
 pub mod names;
 pub mod nofollow;
+mod reconcile;
 pub mod restore;
 pub mod retention;
 pub mod staging;
 pub mod store;
+mod worker;
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use dockhand_protos::cri::{
     ContainerState, ContainerStatus, ContainerStatusRequest, ContainerStatusResponse,
-    ListContainersRequest, ListContainersResponse, PodSandboxStatusRequest,
-    PodSandboxStatusResponse, RemoveContainerRequest, ReopenContainerLogRequest,
-    StartContainerRequest,
+    PodSandboxStatusRequest, PodSandboxStatusResponse, RemoveContainerRequest,
+    ReopenContainerLogRequest, StartContainerRequest,
 };
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -52,9 +57,8 @@ use crate::upstream::Upstream;
 
 use names::{ContainerId, NameError};
 use restore::RestoreError;
-use retention::{Candidate, Policy};
 use staging::{Linked, LogLocation, Staging, StagingError};
-use store::{Appended, ContainerMeta, Entry, Store, StoreError};
+use store::{ContainerMeta, Entry, Store, StoreError};
 
 const CONTAINER_STATUS: &str = "/runtime.v1.RuntimeService/ContainerStatus";
 const POD_SANDBOX_STATUS: &str = "/runtime.v1.RuntimeService/PodSandboxStatus";
@@ -267,7 +271,7 @@ impl Archive {
         let weak = Arc::downgrade(&archive);
         std::thread::Builder::new()
             .name("dockhand-archive".into())
-            .spawn(move || worker(weak, receiver))
+            .spawn(move || worker::worker(weak, receiver))
             .map_err(|source| StoreError::Root {
                 path: config.dir.clone(),
                 source,
@@ -275,7 +279,7 @@ impl Archive {
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
                 let weak = Arc::downgrade(&archive);
-                runtime.spawn(reconciler(weak));
+                runtime.spawn(reconcile::reconciler(weak));
             }
             Err(_) => tracing::warn!("no async runtime: staging is not reconciled with containerd"),
         }
@@ -644,284 +648,6 @@ impl Archive {
                 id: sandbox_id.to_string(),
                 field: "config.log_directory",
             })
-    }
-
-    // ---- the worker's jobs --------------------------------------------------------------
-
-    fn run(&self, job: Job) {
-        match job {
-            Job::Rotated { id, below } => {
-                let meta = self.current_meta(&id);
-                for generation in self.staging.generations(&id).unwrap_or_default() {
-                    if generation < below {
-                        if let Err(e) = self.archive_generation(&meta, generation) {
-                            tracing::error!(container_id = %id, generation, error = %e, "cannot archive a rotated log; it stays staged");
-                        }
-                    }
-                }
-            }
-            Job::Finalize { id, meta } => {
-                let recorded = self.current_meta(&id);
-                let meta = match meta {
-                    Some(meta) => recorded.updated_with(&meta),
-                    None => recorded,
-                };
-                if let Err(e) = self.finalize(&meta) {
-                    tracing::error!(container_id = %id, error = %e, "cannot finalize the archive; staged data kept for the next start");
-                }
-                let mut state = self.state();
-                state.pending.remove(&id);
-                state.staged.remove(&id);
-            }
-        }
-        self.update_gauges();
-    }
-
-    /// What is known about a staged container: in memory, else its staging record.
-    fn current_meta(&self, id: &ContainerId) -> ContainerMeta {
-        if let Some(staged) = self.state().staged.get(id) {
-            return staged.meta.clone();
-        }
-        match self.staging.read_record(id) {
-            Ok(Some(meta)) => meta,
-            Ok(None) => ContainerMeta::unknown(id.clone()),
-            Err(e) => {
-                tracing::warn!(container_id = %id, error = %e, "staged metadata unreadable");
-                ContainerMeta::unknown(id.clone())
-            }
-        }
-    }
-
-    fn archive_generation(
-        &self,
-        meta: &ContainerMeta,
-        generation: u32,
-    ) -> Result<(), ArchiveError> {
-        let id = &meta.id;
-        let mut file = self.staging.open_generation(id, generation)?;
-        self.pause("before_compress");
-        let appended = self.store.append_generation(meta, generation, &mut file)?;
-        drop(file);
-        if let Appended::Added {
-            raw, compressed, ..
-        } = &appended
-        {
-            self.metrics.input_bytes.inc_by(*raw);
-            tracing::info!(container_id = %id, generation, raw_bytes = raw, compressed_bytes = compressed, "log generation archived");
-        }
-        self.state()
-            .archived
-            .insert(id.clone(), appended.entry().clone());
-        // Right away, not after the job: the bound must hold whenever an entry is visible.
-        self.enforce_retention();
-        self.pause("before_cleanup");
-        self.staging.remove_generation(id, generation)?;
-        Ok(())
-    }
-
-    fn finalize(&self, meta: &ContainerMeta) -> Result<(), ArchiveError> {
-        let id = &meta.id;
-        let generations = self.staging.generations(id)?;
-        let had_data = !generations.is_empty() || self.state().archived.contains_key(id);
-        for generation in generations {
-            self.archive_generation(meta, generation)?;
-        }
-        if had_data && !self.state().archived.contains_key(id) {
-            tracing::info!(container_id = %id, "container log dropped by retention before completion");
-            self.staging.remove(id)?;
-            return Ok(());
-        }
-        let entry = self.store.complete(meta)?;
-        tracing::info!(container_id = %id, pod = %format!("{}/{}", meta.namespace, meta.pod), container = %meta.container, raw_bytes = entry.raw_bytes, log_bytes = entry.log_bytes, "container log archived");
-        self.state().archived.insert(id.clone(), entry);
-        self.staging.remove(id)?;
-        Ok(())
-    }
-
-    fn pause(&self, stage: &str) {
-        if self.pause_at.as_deref() == Some(stage) {
-            tracing::warn!(stage, "archive worker paused by {PAUSE_ENV}");
-            loop {
-                std::thread::park();
-            }
-        }
-    }
-
-    /// Drops the oldest entries until the archive is within its bounds.
-    fn enforce_retention(&self) {
-        let policy = Policy {
-            max_bytes: self.config.max_bytes,
-            max_age_seconds: self.config.max_age_seconds,
-            min_free_percent: f64::from(self.config.min_free_percent),
-        };
-        loop {
-            let candidates: Vec<Candidate> = self
-                .state()
-                .archived
-                .values()
-                .map(|e| Candidate {
-                    id: e.container.id.clone(),
-                    bytes: disk_bytes(e),
-                    archived_at: e.archived_at,
-                })
-                .collect();
-            let free = nofollow::open_dir(&self.config.dir)
-                .and_then(|fd| nofollow::free_percent(std::os::fd::AsFd::as_fd(&fd)))
-                .ok();
-            let Some((id, reason)) =
-                retention::next_drop(&candidates, store::now_nanos(), &policy, free)
-            else {
-                break;
-            };
-            if let Err(e) = self.store.remove(&id) {
-                tracing::error!(container_id = %id, error = %e, "retention cannot drop an archived container");
-                break;
-            }
-            restore::remove(&self.config.restored_dir, &id);
-            self.state().archived.remove(&id);
-            self.metrics
-                .dropped
-                .get_or_create(&ReasonLabels {
-                    reason: reason.label(),
-                })
-                .inc();
-            tracing::info!(container_id = %id, reason = reason.label(), "archived container dropped");
-        }
-        remove_stale_restored(&self.config.restored_dir);
-        self.update_gauges();
-    }
-
-    fn update_gauges(&self) {
-        let state = self.state();
-        let bytes: u64 = state.archived.values().map(disk_bytes).sum();
-        self.metrics.bytes.set(bytes as i64);
-        self.metrics.containers.set(state.archived.len() as i64);
-        self.metrics.staged.set(state.staged.len() as i64);
-    }
-
-    // ---- reconciliation -----------------------------------------------------------------
-
-    /// Staging against containerd: a staged container containerd no longer knows is finalized;
-    /// a container containerd has that is not staged (started while dockhand was down) is.
-    async fn reconcile(&self) {
-        let staged = match self.staging.ids() {
-            Ok(ids) => ids,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read staging");
-                Vec::new()
-            }
-        };
-        for id in staged {
-            if self.state().pending.contains(&id) {
-                continue;
-            }
-            match self.container_meta(&id).await {
-                Ok(_) => {
-                    if !self.state().staged.contains_key(&id) {
-                        if let Err(e) = self.stage(id.as_str(), false).await {
-                            tracing::debug!(container_id = %id, error = %e, "cannot re-stage");
-                        }
-                    }
-                }
-                Err(ArchiveError::Upstream { status, .. }) if status.code() == Code::NotFound => {
-                    tracing::info!(container_id = %id, "staged container is gone from containerd; archiving");
-                    self.state().pending.insert(id.clone());
-                    self.queue(Job::Finalize { id, meta: None });
-                }
-                Err(e) => {
-                    tracing::warn!(container_id = %id, error = %e, "cannot reconcile a staged container")
-                }
-            }
-        }
-        let listed: Result<ListContainersResponse, _> = self
-            .upstream
-            .call(LIST_CONTAINERS, &ListContainersRequest { filter: None })
-            .await;
-        let containers = match listed {
-            Ok(response) => response.containers,
-            Err(status) => {
-                tracing::warn!(error = %status, "cannot list containers to reconcile staging");
-                return;
-            }
-        };
-        for container in containers {
-            let Ok(id) = ContainerId::parse(&container.id) else {
-                continue;
-            };
-            let known = {
-                let state = self.state();
-                state.staged.contains_key(&id)
-                    || state.pending.contains(&id)
-                    || state.refused.contains(&id)
-                    || state.archived.get(&id).is_some_and(|e| e.complete)
-            };
-            if !known {
-                if let Err(e) = self.stage(id.as_str(), false).await {
-                    tracing::debug!(container_id = %id, error = %e, "not staged");
-                }
-            }
-        }
-    }
-}
-
-fn worker(archive: Weak<Archive>, jobs: mpsc::Receiver<Job>) {
-    loop {
-        let job = match jobs.recv_timeout(RETENTION_INTERVAL) {
-            Ok(job) => Some(job),
-            Err(mpsc::RecvTimeoutError::Timeout) => None,
-            Err(mpsc::RecvTimeoutError::Disconnected) => return,
-        };
-        let Some(archive) = archive.upgrade() else {
-            return;
-        };
-        if let Some(job) = job {
-            archive.run(job);
-        }
-        archive.enforce_retention();
-        archive.progress.send_modify(|n| *n += 1);
-    }
-}
-
-async fn reconciler(archive: Weak<Archive>) {
-    loop {
-        let Some(strong) = archive.upgrade() else {
-            return;
-        };
-        strong.reconcile().await;
-        strong.progress.send_modify(|n| *n += 1);
-        drop(strong);
-        tokio::time::sleep(RECONCILE_INTERVAL).await;
-    }
-}
-
-/// Room kept for the final metadata of an entry still being written (exit code, reason, times).
-const COMPLETION_SLACK_BYTES: u64 = 512;
-
-/// Size on disk of one entry: its compressed log and its metadata (as it will be once complete).
-fn disk_bytes(entry: &Entry) -> u64 {
-    let meta = serde_json::to_vec_pretty(entry).map_or(0, |v| v.len() as u64);
-    let slack = if entry.complete {
-        0
-    } else {
-        COMPLETION_SLACK_BYTES
-    };
-    entry.log_bytes + meta + slack
-}
-
-fn remove_stale_restored(root: &Path) {
-    let Ok(dirs) = std::fs::read_dir(root) else {
-        return;
-    };
-    for dir in dirs.flatten() {
-        let file = dir.path().join(restore::RESTORED_FILE);
-        let stale = std::fs::symlink_metadata(&file)
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.elapsed().ok())
-            .is_some_and(|age| age > RESTORED_TTL);
-        if stale {
-            let _ = std::fs::remove_file(&file);
-        }
     }
 }
 

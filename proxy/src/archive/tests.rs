@@ -602,3 +602,38 @@ async fn open_registers_metrics_and_loads_what_a_crash_left() {
     assert!(!config.staging_dir.exists());
     assert!(!config.restored_dir.exists());
 }
+
+#[tokio::test]
+async fn the_free_space_floor_drops_archived_containers() {
+    let t = tree();
+    let config = crate::config::ArchiveConfig {
+        dir: t.root.join("archive"),
+        staging_dir: t.root.join("staging"),
+        restored_dir: t.root.join("restored"),
+        pod_logs_dir: t.pods.clone(),
+        // No filesystem has 100% free: everything must go.
+        min_free_percent: 100,
+        ..Default::default()
+    };
+    let store = Store::new(&config.dir, 3);
+    store
+        .append_generation(&meta(&id()), 1, &mut "x F y\n".as_bytes())
+        .unwrap();
+    store.complete(&meta(&id())).unwrap();
+    let upstream = crate::upstream::Upstream::new(
+        &t.root.join("no-containerd.sock"),
+        std::time::Duration::from_secs(1),
+    );
+    let mut registry = prometheus_client::registry::Registry::default();
+    let archive = super::Archive::open(&config, upstream, &mut registry).unwrap();
+    archive.enforce_retention();
+    assert!(!archive.contains(ID));
+    assert!(store.list().unwrap().is_empty());
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    assert!(
+        text.contains("dockhand_archive_dropped_containers_total{reason=\"min_free\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("dockhand_archive_containers 0"), "{text}");
+}

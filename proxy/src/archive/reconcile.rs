@@ -1,0 +1,90 @@
+//! Reconciliation: staging against what containerd still has, at start-up and periodically.
+//! A staged container containerd no longer knows is finalized (its RemoveContainer was lost in
+//! a crash or bypassed the proxy); a container containerd has that is not staged (started while
+//! dockhand was down) is staged now.
+
+use std::sync::Weak;
+
+use dockhand_protos::cri::{ListContainersRequest, ListContainersResponse};
+use tonic::Code;
+
+use super::names::ContainerId;
+use super::{Archive, ArchiveError, Job, LIST_CONTAINERS, RECONCILE_INTERVAL};
+
+impl Archive {
+    // ---- reconciliation -----------------------------------------------------------------
+
+    /// Staging against containerd: a staged container containerd no longer knows is finalized;
+    /// a container containerd has that is not staged (started while dockhand was down) is.
+    pub(super) async fn reconcile(&self) {
+        let staged = match self.staging.ids() {
+            Ok(ids) => ids,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read staging");
+                Vec::new()
+            }
+        };
+        for id in staged {
+            if self.state().pending.contains(&id) {
+                continue;
+            }
+            match self.container_meta(&id).await {
+                Ok(_) => {
+                    if !self.state().staged.contains_key(&id) {
+                        if let Err(e) = self.stage(id.as_str(), false).await {
+                            tracing::debug!(container_id = %id, error = %e, "cannot re-stage");
+                        }
+                    }
+                }
+                Err(ArchiveError::Upstream { status, .. }) if status.code() == Code::NotFound => {
+                    tracing::info!(container_id = %id, "staged container is gone from containerd; archiving");
+                    self.state().pending.insert(id.clone());
+                    self.queue(Job::Finalize { id, meta: None });
+                }
+                Err(e) => {
+                    tracing::warn!(container_id = %id, error = %e, "cannot reconcile a staged container")
+                }
+            }
+        }
+        let listed: Result<ListContainersResponse, _> = self
+            .upstream
+            .call(LIST_CONTAINERS, &ListContainersRequest { filter: None })
+            .await;
+        let containers = match listed {
+            Ok(response) => response.containers,
+            Err(status) => {
+                tracing::warn!(error = %status, "cannot list containers to reconcile staging");
+                return;
+            }
+        };
+        for container in containers {
+            let Ok(id) = ContainerId::parse(&container.id) else {
+                continue;
+            };
+            let known = {
+                let state = self.state();
+                state.staged.contains_key(&id)
+                    || state.pending.contains(&id)
+                    || state.refused.contains(&id)
+                    || state.archived.get(&id).is_some_and(|e| e.complete)
+            };
+            if !known {
+                if let Err(e) = self.stage(id.as_str(), false).await {
+                    tracing::debug!(container_id = %id, error = %e, "not staged");
+                }
+            }
+        }
+    }
+}
+
+pub(super) async fn reconciler(archive: Weak<Archive>) {
+    loop {
+        let Some(strong) = archive.upgrade() else {
+            return;
+        };
+        strong.reconcile().await;
+        strong.progress.send_modify(|n| *n += 1);
+        drop(strong);
+        tokio::time::sleep(RECONCILE_INTERVAL).await;
+    }
+}
