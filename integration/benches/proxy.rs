@@ -511,6 +511,141 @@ async fn containerd_section() {
     }
 }
 
+/// Realistic CRI log lines: an access log and application messages, varied but repetitive.
+fn log_lines(bytes: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes + 256);
+    let paths = [
+        "/api/v1/orders",
+        "/healthz",
+        "/api/v1/users/42",
+        "/metrics",
+        "/static/app.js",
+    ];
+    let mut i: u64 = 0;
+    while out.len() < bytes {
+        let nanos = 100_000_000 + (i * 7919) % 899_999_999;
+        let line = if i % 5 == 0 {
+            format!(
+                "2026-11-25T10:{:02}:{:02}.{nanos:09}Z stderr F level=info msg=\"processed batch\" batch={} items={} duration_ms={}\n",
+                (i / 60) % 60, i % 60, i, i % 97, i % 13
+            )
+        } else {
+            format!(
+                "2026-11-25T10:{:02}:{:02}.{nanos:09}Z stdout F 10.0.{}.{} - - \"GET {} HTTP/1.1\" {} {} \"-\" \"kube-probe/1.29\"\n",
+                (i / 60) % 60, i % 60, i % 250, (i * 7) % 250, paths[(i % 5) as usize],
+                if i % 17 == 0 { 404 } else { 200 }, 512 + i % 4096
+            )
+        };
+        out.extend_from_slice(line.as_bytes());
+        i += 1;
+    }
+    out
+}
+
+fn archive_throughput_section() {
+    use dockhand::archive::names::ContainerId;
+    use dockhand::archive::store::{Appended, ContainerMeta, Store};
+    let data = log_lines(100 << 20);
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::new(dir.path(), 3);
+    let id = ContainerId::parse(&"c".repeat(64)).unwrap();
+    let meta = ContainerMeta::unknown(id);
+    let started = Instant::now();
+    let appended = store
+        .append_generation(&meta, 0, &mut data.as_slice())
+        .expect("archive");
+    let elapsed = started.elapsed();
+    let Appended::Added {
+        raw, compressed, ..
+    } = appended
+    else {
+        panic!("nothing archived")
+    };
+    println!(
+        "\n== log archive: 100 MiB of CRI lines into zstd level 3 (one core)\nthroughput {:.0} MB/s, ratio {:.1}x ({} -> {} bytes)",
+        raw as f64 / 1e6 / elapsed.as_secs_f64(),
+        raw as f64 / compressed as f64,
+        raw,
+        compressed
+    );
+}
+
+async fn archive_remove_section() {
+    let node = match Node::start(NodeOptions::default()).await {
+        Ok(node) => node,
+        Err(e) => {
+            println!("\n== RemoveContainer with a 100 MiB log: could not start containerd ({e:#})");
+            return;
+        }
+    };
+    let proxy = ProxyProcess::start(&node, "").await.expect("proxy");
+    let direct = node.cri().await.expect("cri");
+    let via_proxy = proxy.cri().await.expect("cri");
+    let big = log_lines(100 << 20);
+    let mut samples: [Vec<Duration>; 2] = [Vec::new(), Vec::new()];
+    let mut peak_rss = 0;
+    for round in 0..5 {
+        for (side, cri) in [&direct, &via_proxy].into_iter().enumerate() {
+            let pod = cri
+                .run_pod(&PodSpec::new(&format!("job-{round}-{side}")))
+                .await
+                .unwrap();
+            let id = cri
+                .run_container(&pod, &ContainerSpec::new("job", &["echo", "done"]))
+                .await
+                .unwrap();
+            let status = cri.wait_exited(&id, Duration::from_secs(20)).await.unwrap();
+            // The job "wrote" 100 MiB: appended to its log file as the runtime would have.
+            let mut file = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&status.log_path)
+                .unwrap();
+            std::io::Write::write_all(&mut file, &big).unwrap();
+            drop(file);
+            cri.container_status(&id, false).await.unwrap();
+            for f in
+                dockhand_integration::cri::files_with_prefix(Path::new(&status.log_path)).unwrap()
+            {
+                std::fs::remove_file(f).unwrap();
+            }
+            cri.container_status(&id, false).await.unwrap();
+            let started = Instant::now();
+            cri.remove_container(&id).await.unwrap();
+            samples[side].push(started.elapsed());
+            if side == 1 {
+                // Let the queued compression finish before the next round, and watch its memory.
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while !via_proxy
+                    .container_status(&id, false)
+                    .await
+                    .map(|s| s.status.is_some())
+                    .unwrap_or(false)
+                    && Instant::now() < deadline
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                if let Some(pid) = proxy.pid() {
+                    peak_rss = peak_rss.max(rss_kib(pid).1);
+                }
+            }
+            cri.remove_pod(&pod.id).await.unwrap();
+        }
+    }
+    for s in &mut samples {
+        s.sort();
+    }
+    let stats = |s: &[Duration]| Latency {
+        p50: percentile(s, 0.5),
+        p99: percentile(s, 0.99),
+    };
+    header("RemoveContainer (kubelet's sequence) of a container with a 100 MiB log, 5 rounds");
+    row("RemoveContainer", &stats(&samples[0]), &stats(&samples[1]));
+    println!(
+        "proxy peak RSS while archiving: {:.1} MiB",
+        peak_rss as f64 / 1024.0
+    );
+}
+
 fn main() {
     // `cargo bench` passes --bench; nothing else is accepted.
     let runtime = tokio::runtime::Runtime::new().unwrap();
@@ -526,6 +661,10 @@ fn main() {
         }
         if sections.contains("containerd") {
             containerd_section().await;
+        }
+        if sections.contains("archive") {
+            archive_throughput_section();
+            archive_remove_section().await;
         }
     });
 }

@@ -90,7 +90,10 @@ async fn pod_lifecycle_looks_the_same_through_the_proxy() -> Result<()> {
 const SCRIPT: &str = "trap 'echo bye; exit 0' TERM; echo hello; echo oops >&2; \
                       while true; do sleep 0.1; done";
 
-async fn container_lifecycle(cri: &Cri, t: &mut Transcript) -> Result<Result<api::ContainerStatusResponse, Status>> {
+async fn container_lifecycle(
+    cri: &Cri,
+    t: &mut Transcript,
+) -> Result<Result<api::ContainerStatusResponse, Status>> {
     let spec = PodSpec::new("containers");
     t.alias(&spec.uid, "<uid>");
     t.alias(&cri.node().logs_root.to_string_lossy(), "<logs>");
