@@ -113,6 +113,73 @@ async fn main() -> Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    step("a finished Job's logs survive kubelet's garbage collection");
+    let job = via_proxy.run_pod(&PodSpec::new("hello-job")).await?;
+    let mut ids = Vec::new();
+    for attempt in 0..3 {
+        let mut spec = ContainerSpec::new("hello", &["echo", "Hello, Kubernetes!"]);
+        spec.attempt = attempt;
+        let id = via_proxy.run_container(&job, &spec).await?;
+        via_proxy
+            .wait_exited(&id, std::time::Duration::from_secs(20))
+            .await?;
+        ids.push(id);
+    }
+    // Disk pressure: kubelet deletes each dead container's log files, then removes it; then
+    // the pod's whole log directory goes.
+    for id in &ids {
+        via_proxy.remove_container_like_kubelet(id).await?;
+    }
+    std::fs::remove_dir_all(job.spec.log_directory(node.logs_root()))?;
+    println!(
+        "containerd no longer knows them: {:?}",
+        direct
+            .container_status(&ids[0], false)
+            .await
+            .map(|_| ())
+            .unwrap_err()
+            .message()
+    );
+    let archived = via_proxy
+        .container_status(&ids[0], false)
+        .await?
+        .status
+        .context("status")?;
+    println!(
+        "through dockhand, kubelet still gets a status with log_path {}:",
+        archived.log_path
+    );
+    print!("{}", std::fs::read_to_string(&archived.log_path)?);
+    let archive_dir = proxy
+        .config_path()
+        .parent()
+        .context("proxy dir")?
+        .join("archive/store");
+    println!("$ dockhand logs --pod hello-job");
+    let out = Command::new(&bin)
+        .arg("logs")
+        .arg("--dir")
+        .arg(&archive_dir)
+        .args(["--pod", "hello-job"])
+        .output()?;
+    print!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("$ dockhand logs {}", &ids[0][..12]);
+    let out = Command::new(&bin)
+        .arg("logs")
+        .arg("--dir")
+        .arg(&archive_dir)
+        .arg(&ids[0][..12])
+        .output()?;
+    print!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     step("what passed through (dockhand_cri_requests_total from /metrics)");
     let metrics = http_get(port, "/metrics")?;
     for line in metrics.lines().filter(|l| {
