@@ -421,30 +421,3 @@ async fn restarted_containerd_reconnects_through_the_shim() {
     drop(cri);
     drop(node);
 }
-
-// TEMPORARY measurement (removed before hand-off).
-fn pss_kb(pid: u32) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
-    text.lines().find(|l| l.starts_with("Pss:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0)
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn zz_measure() {
-    let shim = ShimInstall::new().unwrap();
-    let node = node_with(Some(&shim)).await.unwrap();
-    let cri = node.cri().await.unwrap();
-    let mut pods = Vec::new();
-    for n in [1usize, 4, 10] {
-        while pods.len() < n {
-            let pod = cri.run_pod(&PodSpec::new(&format!("mem{}", pods.len()))).await.unwrap();
-            cri.run_container(&pod, &ContainerSpec::sleeper("a")).await.unwrap();
-            pods.push(pod);
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let d: Vec<u64> = delegate_pids(&node).iter().map(|&p| pss_kb(p)).collect();
-        let o: Vec<u64> = shim.daemons().iter().map(|&p| pss_kb(p)).collect();
-        let (ds, os) = (d.iter().sum::<u64>() / d.len() as u64, o.iter().sum::<u64>() / o.len() as u64);
-        eprintln!("MEASURE pods={n} delegate avg {ds} kB ours avg {os} kB ratio {:.1}%", os as f64 * 100.0 / ds as f64);
-    }
-    for pod in pods { cri.stop_pod(&pod.id).await.unwrap(); cri.remove_pod(&pod.id).await.unwrap(); }
-}
