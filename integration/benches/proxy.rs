@@ -649,9 +649,9 @@ async fn archive_remove_section() {
 fn main() {
     // `cargo bench` passes --bench; nothing else is accepted.
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    // DOCKHAND_BENCH=fake,edit,containerd picks sections (all by default).
+    // DOCKHAND_BENCH=fake,edit,containerd,archive picks sections (all by default).
     let sections =
-        std::env::var("DOCKHAND_BENCH").unwrap_or_else(|_| "fake,edit,containerd".into());
+        std::env::var("DOCKHAND_BENCH").unwrap_or_else(|_| "fake,edit,containerd,archive".into());
     runtime.block_on(async {
         if sections.contains("fake") {
             fake_section().await;
