@@ -524,7 +524,7 @@ fn log_lines(bytes: usize) -> Vec<u8> {
     let mut i: u64 = 0;
     while out.len() < bytes {
         let nanos = 100_000_000 + (i * 7919) % 899_999_999;
-        let line = if i % 5 == 0 {
+        let line = if i.is_multiple_of(5) {
             format!(
                 "2026-11-25T10:{:02}:{:02}.{nanos:09}Z stderr F level=info msg=\"processed batch\" batch={} items={} duration_ms={}\n",
                 (i / 60) % 60, i % 60, i, i % 97, i % 13
@@ -533,7 +533,7 @@ fn log_lines(bytes: usize) -> Vec<u8> {
             format!(
                 "2026-11-25T10:{:02}:{:02}.{nanos:09}Z stdout F 10.0.{}.{} - - \"GET {} HTTP/1.1\" {} {} \"-\" \"kube-probe/1.29\"\n",
                 (i / 60) % 60, i % 60, i % 250, (i * 7) % 250, paths[(i % 5) as usize],
-                if i % 17 == 0 { 404 } else { 200 }, 512 + i % 4096
+                if i.is_multiple_of(17) { 404 } else { 200 }, 512 + i % 4096
             )
         };
         out.extend_from_slice(line.as_bytes());

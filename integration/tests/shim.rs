@@ -421,3 +421,61 @@ async fn restarted_containerd_reconnects_through_the_shim() {
     drop(cri);
     drop(node);
 }
+
+/// What an operator reads: `crictl inspect` through dockhand carries the record under
+/// `dockhand.cgroup`, and `dockhand cgroups` prints the placement (from the record, or from
+/// /proc for a container the shim never saw).
+#[tokio::test(flavor = "multi_thread")]
+async fn placement_shows_in_verbose_status_and_dockhand_cgroups() {
+    let shim = ShimInstall::new().unwrap();
+    let node = node_with(Some(&shim)).await.unwrap();
+    let proxy = dockhand_integration::ProxyProcess::start(
+        &node,
+        &format!("cgroup_records = \"{}\"", shim.records().display()),
+    )
+    .await
+    .unwrap();
+    let cri = proxy.cri().await.unwrap();
+    let pod = cri.run_pod(&PodSpec::new("placed")).await.unwrap();
+    let id = cri
+        .run_container(&pod, &ContainerSpec::sleeper("app"))
+        .await
+        .unwrap();
+    let pid = cri_pid(&cri, &id).await.unwrap();
+
+    let verbose = cri.container_status(&id, true).await.unwrap();
+    let shown: serde_json::Value = serde_json::from_str(
+        verbose
+            .info
+            .get("dockhand.cgroup")
+            .expect("dockhand.cgroup"),
+    )
+    .unwrap();
+    let on_disk = record::read(&shim.records(), &id).unwrap().unwrap();
+    assert_eq!(shown, serde_json::to_value(&on_disk).unwrap());
+    assert_eq!(shown["pid"], pid);
+    // containerd's own info is still there, and non-verbose answers carry nothing extra.
+    assert!(verbose.info.contains_key("info"));
+    assert!(cri
+        .container_status(&id, false)
+        .await
+        .unwrap()
+        .info
+        .is_empty());
+
+    let out = Command::new(dockhand_integration::proxy_binary().unwrap())
+        .args(["cgroups", "--json", "--pod", "placed", "--records"])
+        .arg(shim.records())
+        .arg("--socket")
+        .arg(proxy.socket())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(listed.contains(&id), "{listed}");
+    assert!(listed.contains(&on_disk.cgroups_path), "{listed}");
+}

@@ -39,6 +39,8 @@ pub struct Config {
     pub connect_timeout_seconds: u64,
     /// Seconds SIGTERM waits for in-flight calls before closing connections.
     pub drain_timeout_seconds: u64,
+    /// Where containerd-shim-dockhand-v2 writes cgroup placement records.
+    pub cgroup_records: PathBuf,
     pub propagation: PropagationConfig,
     pub archive: ArchiveConfig,
 }
@@ -51,6 +53,7 @@ impl Default for Config {
             metrics_address: None,
             connect_timeout_seconds: 2,
             drain_timeout_seconds: 10,
+            cgroup_records: dockhand_protos::record::DEFAULT_DIR.into(),
             propagation: PropagationConfig::default(),
             archive: ArchiveConfig::default(),
         }
@@ -233,6 +236,7 @@ impl Config {
         };
         absolute("listen", &self.listen)?;
         absolute("containerd", &self.containerd)?;
+        absolute("cgroup_records", &self.cgroup_records)?;
         absolute("propagation.docker_root", &self.propagation.docker_root)?;
         for path in &self.propagation.extra_paths {
             absolute("propagation.extra_paths", path)?;
@@ -288,6 +292,7 @@ mod tests {
             metrics_address = "127.0.0.1:9337"
             connect_timeout_seconds = 3
             drain_timeout_seconds = 5
+            cgroup_records = "/run/dockhand/cgroups"
             [propagation]
             mode = "dry-run"
             docker_root = "/data/docker"

@@ -12,8 +12,10 @@ use tonic::body::Body;
 
 use crate::archive::Archive;
 use crate::grpc::Reply;
+use crate::placement::Placement;
 use crate::propagation::Propagation;
 use crate::upstream::Upstream;
+use dockhand_protos::cri::ContainerStatusRequest;
 
 /// The CRI v1 methods dockhand intercepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,6 +114,8 @@ pub fn request_with_body(head: &http::request::Parts, body: Body) -> http::Reque
 /// The handlers' shared state.
 pub struct Handlers {
     pub propagation: Propagation,
+    /// The shim's cgroup records, for verbose ContainerStatus (`placement.rs`).
+    pub placement: Placement,
     /// The container log archive; None when switched off.
     pub archive: Option<Arc<Archive>>,
 }
@@ -132,10 +136,14 @@ impl Handlers {
                 Some(archive) => archive.remove_container(call).await,
                 None => call.forward_unchanged().await,
             },
-            Intercepted::ContainerStatus => match &self.archive {
-                Some(archive) => archive.container_status(call).await,
-                None => call.forward_unchanged().await,
-            },
+            Intercepted::ContainerStatus => {
+                let request = call.decode::<ContainerStatusRequest>().ok();
+                let reply = match &self.archive {
+                    Some(archive) => archive.container_status(call).await,
+                    None => call.forward_unchanged().await,
+                };
+                self.placement.add_record(request.as_ref(), reply)
+            }
         }
     }
 }

@@ -13,6 +13,8 @@
 //! - `metrics`: the Prometheus registry, per-call metrics and the `/metrics` endpoint.
 //! - `propagation`: Docker-parity mount propagation (CreateContainer).
 //! - `mountinfo`: the host's mount table and each mount's propagation.
+//! - `placement`: the shim's cgroup record in verbose ContainerStatus.
+//! - `cgroups`: `dockhand cgroups`, where each container sits in the cgroup tree.
 //! - `audit`: `dockhand audit propagation`.
 //! - `check`: `dockhand check`, a node-problem-detector plugin.
 //! - `archive`: the container log archive (StartContainer to RemoveContainer, `dockhand logs`).
@@ -22,6 +24,7 @@
 
 pub mod archive;
 pub mod audit;
+pub mod cgroups;
 pub mod check;
 pub mod config;
 pub mod cri_client;
@@ -29,6 +32,7 @@ pub mod grpc;
 pub mod intercept;
 pub mod metrics;
 pub mod mountinfo;
+pub mod placement;
 pub mod propagation;
 pub mod server;
 pub mod table;

@@ -33,6 +33,8 @@ enum Command {
     /// Find what would break after a migration without dockhand.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Where each container sits in the cgroup tree (what `docker inspect` told).
+    Cgroups(dockhand::cgroups::CgroupsArgs),
     /// Health check for node-problem-detector: exit 0 OK, 1 problem, 2 unknown; one line of text.
     Check(dockhand::check::CheckArgs),
     /// List archived containers, or print one's logs like `kubectl logs`.
@@ -80,6 +82,9 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Proxy(args) => proxy(args).await,
+            Command::Cgroups(args) => dockhand::cgroups::run(args)
+                .await
+                .map(|()| ExitCode::SUCCESS),
             Command::Check(args) => {
                 let (verdict, message) = dockhand::check::check(&args).await;
                 println!("{message}");

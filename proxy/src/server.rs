@@ -130,6 +130,7 @@ impl Proxy {
         };
         let handlers = Arc::new(Handlers {
             propagation: Propagation::new(config.propagation.clone(), registry),
+            placement: crate::placement::Placement::new(config.cgroup_records.clone()),
             archive,
         });
         Ok(Proxy {
