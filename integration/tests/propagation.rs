@@ -168,7 +168,11 @@ async fn rootfs_sees_later_host_mounts_through_the_proxy_only() -> Result<()> {
         .args(["audit", "propagation", "--json", "--socket"])
         .arg(proxy.socket())
         .output()?;
-    assert!(audit.status.success(), "{}", String::from_utf8_lossy(&audit.stderr));
+    assert!(
+        audit.status.success(),
+        "{}",
+        String::from_utf8_lossy(&audit.stderr)
+    );
     let findings: serde_json::Value = serde_json::from_slice(&audit.stdout)?;
     let status_of = |id: &str| {
         findings
@@ -178,8 +182,14 @@ async fn rootfs_sees_later_host_mounts_through_the_proxy_only() -> Result<()> {
             .find(|f| f["container_id"] == id && f["container_path"] == "/rootfs")
             .map(|f| (f["status"].clone(), f["propagation"].clone()))
     };
-    assert_eq!(status_of(&proxied), Some(("rewritten".into(), "rslave".into())));
-    assert_eq!(status_of(&plain), Some(("at-risk".into(), "rprivate".into())));
+    assert_eq!(
+        status_of(&proxied),
+        Some(("rewritten".into(), "rslave".into()))
+    );
+    assert_eq!(
+        status_of(&plain),
+        Some(("at-risk".into(), "rprivate".into()))
+    );
     let metrics = http_get(port, "/metrics")?;
     assert!(
         metrics.contains("dockhand_propagation_rewrites_total{result=\"rslave\"} 1"),
