@@ -28,6 +28,7 @@ lint:
 # Benchmarks: proxy vs direct (fake upstream and real containerd), ratios printed, nothing asserted.
 bench: deps
 	$(CARGO) build --release --workspace --bins
+	$(CARGO) build --profile shim -p dockhand-shim
 	DOCKHAND_BIN=$(CURDIR)/target/release/dockhand $(CARGO) bench -p dockhand-integration --bench proxy
 
 # Start a sandboxed containerd and the proxy, run a pod through it, show what dockhand did, clean up.
@@ -36,8 +37,9 @@ demo: build
 
 # Install the binaries and the systemd unit.
 install:
-	$(CARGO) build --release --workspace --bins
+	$(CARGO) build --release -p dockhand --bins
+	$(CARGO) build --profile shim -p dockhand-shim
 	install -D -m 0755 target/release/dockhand $(PREFIX)/bin/dockhand
-	install -D -m 0755 target/release/containerd-shim-dockhand-v2 $(PREFIX)/bin/containerd-shim-dockhand-v2
+	install -D -m 0755 target/shim/containerd-shim-dockhand-v2 $(PREFIX)/bin/containerd-shim-dockhand-v2
 	install -D -m 0644 deploy/dockhand.service /etc/systemd/system/dockhand.service
 	install -D -m 0644 deploy/config.toml /etc/dockhand/config.toml.example

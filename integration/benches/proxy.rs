@@ -646,12 +646,116 @@ async fn archive_remove_section() {
     );
 }
 
+/// PSS of a process in KiB (`smaps_rollup`): its fair share of shared pages.
+fn pss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("Pss:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn cmdline(pid: u32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .unwrap_or_default()
+}
+
+/// Creates and starts 20 containers in one pod; returns the time taken and the pod's shim pids
+/// (dockhand's daemon, the stock shim).
+async fn start_20(node: &Node) -> (Duration, Option<u32>, Option<u32>) {
+    let cri = node.cri().await.expect("cri");
+    let pod = cri.run_pod(&PodSpec::new("bench")).await.expect("pod");
+    let started = Instant::now();
+    for i in 0..20 {
+        cri.run_container(&pod, &ContainerSpec::sleeper(&format!("c{i}")))
+            .await
+            .expect("container");
+    }
+    let elapsed = started.elapsed();
+    let needle = format!("{}/containerd.sock", node.temp_dir().display());
+    let pids = dockhand_integration::cleanup::processes_mentioning(&needle);
+    let ours = pids
+        .iter()
+        .copied()
+        .find(|&p| cmdline(p).contains("dockhand-serve"));
+    let stock = pids.iter().copied().find(|&p| {
+        cmdline(p).contains("containerd-shim-runc-v2 ") && !cmdline(p).contains("dockhand")
+    });
+    (elapsed, ours, stock)
+}
+
+async fn shim_section() {
+    let shim_bin = std::env::var_os("DOCKHAND_SHIM_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            dockhand_integration::fixtures::target_dir().join("shim/containerd-shim-dockhand-v2")
+        });
+    if !shim_bin.is_file() {
+        println!(
+            "\n== shim: {} not built (make bench builds it)",
+            shim_bin.display()
+        );
+        return;
+    }
+    let install = tempfile::Builder::new()
+        .prefix("dockhand-shim-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let bin = install.path().join("containerd-shim-dockhand-v2");
+    std::fs::copy(&shim_bin, &bin).unwrap();
+    let records = install.path().join("records");
+    std::fs::write(
+        install.path().join("containerd-shim-dockhand-v2.json"),
+        format!("{{\"recordDir\": \"{}\"}}", records.display()),
+    )
+    .unwrap();
+    let mut stock_times = Vec::new();
+    let mut ours_times = Vec::new();
+    let mut memory = Vec::new();
+    for _ in 0..3 {
+        for with_shim in [false, true] {
+            let node = Node::start(NodeOptions {
+                runtime_path: with_shim.then(|| bin.clone()),
+                ..NodeOptions::default()
+            })
+            .await
+            .expect("node");
+            let (elapsed, ours, stock) = start_20(&node).await;
+            if with_shim {
+                ours_times.push(elapsed);
+                if let (Some(ours), Some(stock)) = (ours, stock) {
+                    memory.push((pss_kib(ours), pss_kib(stock)));
+                }
+            } else {
+                stock_times.push(elapsed);
+            }
+        }
+    }
+    let total = |t: &[Duration]| t.iter().sum::<Duration>().as_secs_f64();
+    println!("\n== containerd-shim-dockhand-v2 vs the stock runc shim (create+start of 20 containers in one pod, 3 alternating rounds)");
+    println!(
+        "stock {:.2} s, dockhand {:.2} s per 20 containers (mean); ratio {:.3}",
+        total(&stock_times) / 3.0,
+        total(&ours_times) / 3.0,
+        total(&ours_times) / total(&stock_times)
+    );
+    for (ours, stock) in memory {
+        println!(
+            "PSS: dockhand's shim {ours} KiB next to the stock shim's {stock} KiB: {:.1}% added per pod",
+            100.0 * ours as f64 / stock as f64
+        );
+    }
+}
+
 fn main() {
     // `cargo bench` passes --bench; nothing else is accepted.
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    // DOCKHAND_BENCH=fake,edit,containerd,archive picks sections (all by default).
-    let sections =
-        std::env::var("DOCKHAND_BENCH").unwrap_or_else(|_| "fake,edit,containerd,archive".into());
+    // DOCKHAND_BENCH=fake,edit,containerd,archive,shim picks sections (all by default).
+    let sections = std::env::var("DOCKHAND_BENCH")
+        .unwrap_or_else(|_| "fake,edit,containerd,archive,shim".into());
     runtime.block_on(async {
         if sections.contains("fake") {
             fake_section().await;
@@ -665,6 +769,9 @@ fn main() {
         if sections.contains("archive") {
             archive_throughput_section();
             archive_remove_section().await;
+        }
+        if sections.contains("shim") {
+            shim_section().await;
         }
     });
 }
