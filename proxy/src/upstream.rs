@@ -72,6 +72,7 @@ impl Upstream {
         let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .initial_stream_window_size(1 << 20)
             .initial_connection_window_size(4 << 20)
+            .max_frame_size(1 << 20)
             .max_send_buf_size(codec::MAX_MESSAGE_BYTES)
             .handshake(TokioIo::new(stream))
             .await
