@@ -7,6 +7,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use dockhand_protos::cri::ContainerStatusRequest;
 use http_body_util::Full;
 use tonic::body::Body;
 
@@ -15,7 +16,6 @@ use crate::grpc::Reply;
 use crate::placement::Placement;
 use crate::propagation::Propagation;
 use crate::upstream::Upstream;
-use dockhand_protos::cri::ContainerStatusRequest;
 
 /// The CRI v1 methods dockhand intercepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,7 +28,8 @@ pub enum Intercepted {
     ReopenContainerLog,
     /// Container log archive: finalize (queued; never deletes the archive).
     RemoveContainer,
-    /// Container log archive: answer for archived containers containerd no longer knows.
+    /// Container log archive: answer for archived containers containerd no longer knows; and
+    /// verbose answers get the shim's cgroup record (`placement.rs`).
     ContainerStatus,
 }
 

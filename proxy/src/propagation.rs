@@ -392,10 +392,5 @@ impl Propagation {
     }
 }
 
-/// The decisions for a container already created, as recorded in its annotations.
-pub fn recorded(annotations: &HashMap<String, String>) -> Option<&str> {
-    annotations.get(DECISION_ANNOTATION).map(String::as_str)
-}
-
 #[cfg(test)]
 mod tests;

@@ -52,10 +52,6 @@ impl Upstream {
         }
     }
 
-    pub fn socket(&self) -> &Path {
-        &self.inner.socket
-    }
-
     async fn sender(&self) -> Result<SendRequest<Body>, UpstreamError> {
         if let Some(sender) = self.inner.sender.lock().unwrap().as_ref() {
             if !sender.is_closed() {
