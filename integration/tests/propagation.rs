@@ -403,3 +403,52 @@ async fn hostile_requests_get_containerds_own_answer() -> Result<()> {
     tokio::time::sleep(Duration::from_millis(10)).await;
     Ok(())
 }
+
+/// The proxy keeps the host's mount table between creates; a mount made afterwards must be seen,
+/// or dockhand would ask rslave of a private mount and containerd would refuse the create.
+#[tokio::test]
+async fn a_private_mount_made_after_the_last_create_is_seen() -> Result<()> {
+    let node = Node::start(NodeOptions::default()).await?;
+    let data = node.temp_dir().join("data");
+    std::fs::create_dir_all(data.join("volume"))?;
+    let proxy = ProxyProcess::start(
+        &node,
+        &format!("[propagation]\nextra_paths = [\"{}\"]\n", data.display()),
+    )
+    .await?;
+    let cri = proxy.cri().await?;
+    let volume = data.join("volume");
+    let mount = || {
+        vec![host_mount(
+            volume.to_str().unwrap(),
+            "/volume",
+            MountPropagation::PropagationPrivate,
+        )]
+    };
+    let (_, first) = run_with_mounts(&cri, PodSpec::new("before"), "c", mount()).await?;
+    assert_eq!(
+        decision(&cri, &first).await?.as_deref(),
+        Some("/volume=rslave")
+    );
+
+    // The host now mounts a private filesystem there.
+    for args in [
+        vec!["mount", "-t", "tmpfs", "-o", "size=1m", "private-volume"],
+        vec!["mount", "--make-private"],
+    ] {
+        let ok = node
+            .ns_command(args[0])
+            .args(&args[1..])
+            .arg(&volume)
+            .status()?
+            .success();
+        anyhow::ensure!(ok, "{args:?} failed");
+    }
+    let (_, second) = run_with_mounts(&cri, PodSpec::new("after"), "c", mount()).await?;
+    assert_eq!(
+        decision(&cri, &second).await?.as_deref(),
+        Some("/volume=private(host mount private)")
+    );
+    let _ = node.ns_command("umount").arg(&volume).status();
+    Ok(())
+}

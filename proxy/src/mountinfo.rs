@@ -258,6 +258,65 @@ fn octal(digits: &[u8]) -> Option<u8> {
         .and_then(|value| u8::try_from(value).ok())
 }
 
+/// The mount table, parsed once and re-read only after it changed.
+///
+/// The kernel reports a change in the namespace's mount table as `POLLPRI | POLLERR` on an open
+/// `/proc/self/mountinfo` (once per change, until polled): a zero-timeout `poll(2)` before each
+/// use costs one system call instead of reading and parsing the whole table. A change that
+/// happened before the poll is always seen, so the cache is never staler than a fresh read.
+pub struct WatchedMountTable {
+    path: PathBuf,
+    state: std::sync::Mutex<Option<(std::fs::File, std::sync::Arc<MountTable>)>>,
+}
+
+impl WatchedMountTable {
+    pub fn new(path: &Path) -> WatchedMountTable {
+        WatchedMountTable {
+            path: path.to_path_buf(),
+            state: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The table as it is now.
+    pub fn current(&self) -> Result<std::sync::Arc<MountTable>, MountInfoError> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((file, table)) = state.as_ref() {
+            if !changed(file) {
+                return Ok(table.clone());
+            }
+        }
+        let read_error = |source| MountInfoError::Read {
+            path: self.path.clone(),
+            source,
+        };
+        // Opening records the namespace's current change count; reading then shows at least
+        // that state, and any later change makes the next poll report it.
+        let mut file = std::fs::File::open(&self.path).map_err(read_error)?;
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut file, &mut bytes).map_err(read_error)?;
+        let table = std::sync::Arc::new(MountTable::parse_bytes(&bytes)?);
+        *state = Some((file, table.clone()));
+        Ok(table)
+    }
+}
+
+/// Whether the mount table behind `file` changed since it was opened or last polled. A file
+/// that cannot be polled counts as changed.
+fn changed(file: &std::fs::File) -> bool {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let mut fds = [PollFd::new(file, PollFlags::PRI)];
+    let now = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    match poll(&mut fds, Some(&now)) {
+        Ok(_) => fds[0]
+            .revents()
+            .intersects(PollFlags::PRI | PollFlags::ERR | PollFlags::NVAL),
+        Err(_) => true,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,6 +9,7 @@
 //! mount private, as Docker did. Paths are compared by components after resolving symlinks the
 //! way containerd will, so `/var/lib/doc` never matches `/var/lib/docker`.
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Component, Path, PathBuf};
@@ -23,7 +24,7 @@ use prometheus_client::registry::Registry;
 use crate::config::{PropagationConfig, PropagationMode};
 use crate::grpc::Reply;
 use crate::intercept::UnaryCall;
-use crate::mountinfo::{self, MountTable};
+use crate::mountinfo::{self, MountTable, WatchedMountTable};
 
 /// Pod annotation (on the sandbox) that turns the rewrite off for that pod's containers.
 pub const OPT_OUT_ANNOTATION: &str = "dockhand.io/mount-propagation";
@@ -98,10 +99,10 @@ impl Rule {
 /// Decides which of `mounts` Docker would have made rslave.
 ///
 /// `table` is read once, and only when some mount matches the rule.
-pub fn decide<E: fmt::Display>(
+pub fn decide<T: Borrow<MountTable>, E: fmt::Display>(
     rule: &Rule,
     mounts: &[Mount],
-    table: impl FnOnce() -> Result<MountTable, E>,
+    table: impl FnOnce() -> Result<T, E>,
 ) -> Vec<MountDecision> {
     let mut resolver = Resolver::default();
     let matched: Vec<(usize, &Mount, PathBuf)> = mounts
@@ -123,7 +124,11 @@ pub fn decide<E: fmt::Display>(
                 Err(_) => Decision::KeepPrivate("host mount table unreadable"),
                 // The mount containerd itself will check (its `mount.Lookup` rule), so that dockhand
                 // never asks for rslave where containerd would refuse it.
-                Ok(table) => match table.containerd_lookup(&source).map(|e| e.propagation) {
+                Ok(table) => match table
+                    .borrow()
+                    .containerd_lookup(&source)
+                    .map(|e| e.propagation)
+                {
                     Some(mountinfo::Propagation::Shared) | Some(mountinfo::Propagation::Slave) => {
                         Decision::Rslave
                     }
@@ -283,7 +288,7 @@ struct ResultLabels {
 pub struct Propagation {
     config: PropagationConfig,
     rule: Rule,
-    mountinfo: PathBuf,
+    mounts: WatchedMountTable,
     rewrites: Family<ResultLabels, Counter>,
 }
 
@@ -298,7 +303,7 @@ impl Propagation {
         Propagation {
             rule: Rule::new(&config),
             config,
-            mountinfo: PathBuf::from("/proc/self/mountinfo"),
+            mounts: WatchedMountTable::new(Path::new(mountinfo::MOUNTINFO)),
             rewrites,
         }
     }
@@ -337,9 +342,7 @@ impl Propagation {
         let span = tracing::info_span!("create_container", pod = %pod, container = %container);
         let _enter = span.enter();
 
-        let decisions = decide(&self.rule, &config.mounts, || {
-            MountTable::read_from(&self.mountinfo)
-        });
+        let decisions = decide(&self.rule, &config.mounts, || self.mounts.current());
         if decisions.is_empty() {
             return call.forward_unchanged().await;
         }
