@@ -664,8 +664,8 @@ fn cmdline(pid: u32) -> String {
 }
 
 /// Creates and starts 20 containers in one pod; returns the time taken and the pod's shim pids
-/// (dockhand's daemon, the stock shim).
-async fn start_20(node: &Node) -> (Duration, Option<u32>, Option<u32>) {
+/// (dockhand's daemon started from `shim`, the stock shim).
+async fn start_20(node: &Node, shim: &Path) -> (Duration, Option<u32>, Option<u32>) {
     let cri = node.cri().await.expect("cri");
     let pod = cri.run_pod(&PodSpec::new("bench")).await.expect("pod");
     let started = Instant::now();
@@ -675,15 +675,13 @@ async fn start_20(node: &Node) -> (Duration, Option<u32>, Option<u32>) {
             .expect("container");
     }
     let elapsed = started.elapsed();
-    let needle = format!("{}/containerd.sock", node.temp_dir().display());
-    let pids = dockhand_integration::cleanup::processes_mentioning(&needle);
-    let ours = pids
-        .iter()
-        .copied()
+    use dockhand_integration::cleanup::processes_mentioning;
+    let ours = processes_mentioning(&format!("{} ", shim.display()))
+        .into_iter()
         .find(|&p| cmdline(p).contains("dockhand-serve"));
-    let stock = pids.iter().copied().find(|&p| {
-        cmdline(p).contains("containerd-shim-runc-v2 ") && !cmdline(p).contains("dockhand")
-    });
+    let stock = processes_mentioning(&format!("{}/containerd.sock", node.temp_dir().display()))
+        .into_iter()
+        .find(|&p| cmdline(p).contains("containerd-shim-runc-v2 "));
     (elapsed, ours, stock)
 }
 
@@ -723,7 +721,7 @@ async fn shim_section() {
             })
             .await
             .expect("node");
-            let (elapsed, ours, stock) = start_20(&node).await;
+            let (elapsed, ours, stock) = start_20(&node, &bin).await;
             if with_shim {
                 ours_times.push(elapsed);
                 if let (Some(ours), Some(stock)) = (ours, stock) {
