@@ -478,4 +478,27 @@ async fn placement_shows_in_verbose_status_and_dockhand_cgroups() {
     let listed = String::from_utf8_lossy(&out.stdout);
     assert!(listed.contains(&id), "{listed}");
     assert!(listed.contains(&on_disk.cgroups_path), "{listed}");
+
+    // After kubelet removes the container, its archived log metadata keeps the placement
+    // (the shim's own record is gone with the task).
+    cri.stop_container(&id, 5).await.unwrap();
+    cri.remove_container_like_kubelet(&id).await.unwrap();
+    let meta_path = proxy
+        .config_path()
+        .parent()
+        .unwrap()
+        .join("archive/store")
+        .join(&id)
+        .join("meta.json");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !meta_path.exists() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&meta_path).unwrap()).unwrap();
+    assert_eq!(
+        meta["container"]["cgroup"]["cgroupsPath"], on_disk.cgroups_path,
+        "{meta:#}"
+    );
+    assert!(record::read(&shim.records(), &id).unwrap().is_none());
 }

@@ -32,6 +32,7 @@ pub mod store;
 mod worker;
 
 use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -234,6 +235,8 @@ pub struct Archive {
     progress: tokio::sync::watch::Sender<u64>,
     metrics: Metrics,
     pause_at: Option<String>,
+    /// Where the shim writes cgroup placement records (kept in the metadata).
+    cgroup_records: PathBuf,
 }
 
 impl Archive {
@@ -242,6 +245,7 @@ impl Archive {
     /// on disk until the first container is staged.
     pub fn open(
         config: &ArchiveConfig,
+        cgroup_records: &Path,
         upstream: Upstream,
         registry: &mut Registry,
     ) -> Result<Arc<Archive>, ArchiveError> {
@@ -266,6 +270,7 @@ impl Archive {
             progress: tokio::sync::watch::channel(0).0,
             metrics: Metrics::register(registry),
             pause_at: std::env::var(PAUSE_ENV).ok().filter(|s| !s.is_empty()),
+            cgroup_records: cgroup_records.to_path_buf(),
         });
         archive.update_gauges();
         let weak = Arc::downgrade(&archive);
@@ -335,6 +340,17 @@ impl Archive {
         reply
     }
 
+    /// The shim's cgroup record for `id`, when the shim runs and wrote one.
+    fn cgroup_record(&self, id: &ContainerId) -> Option<dockhand_protos::record::Record> {
+        match dockhand_protos::record::read(&self.cgroup_records, &id.to_string()) {
+            Ok(record) => record,
+            Err(e) => {
+                tracing::debug!(container_id = %id, error = %e, "no cgroup record");
+                None
+            }
+        }
+    }
+
     /// ReopenContainerLog: forwarded; on success the new file is staged as the next generation
     /// and the previous one is queued for the archive.
     pub async fn reopen_container_log(&self, call: UnaryCall) -> Reply {
@@ -396,7 +412,7 @@ impl Archive {
             meta
         } else {
             match self.container_meta(&id).await {
-                Ok((status, _)) => meta_from_status(&id, &status),
+                Ok((status, _)) => meta.updated_with(&meta_from_status(&id, &status)),
                 Err(_) => meta,
             }
         };
@@ -530,7 +546,8 @@ impl Archive {
                 return Err(e.into());
             }
         };
-        let meta = meta_from_status(&id, &status);
+        let mut meta = meta_from_status(&id, &status);
+        meta.cgroup = self.cgroup_record(&id);
         let at_least = self
             .state()
             .archived
@@ -690,6 +707,7 @@ pub fn meta_from_status(id: &ContainerId, status: &ContainerStatus) -> Container
         labels: status.labels.clone().into_iter().collect(),
         annotations: status.annotations.clone().into_iter().collect(),
         log_path: status.log_path.clone(),
+        cgroup: None,
     }
 }
 

@@ -117,7 +117,12 @@ impl Proxy {
             Duration::from_secs(config.connect_timeout_seconds),
         );
         let archive = if config.archive.enabled {
-            match Archive::open(&config.archive, upstream.clone(), registry) {
+            match Archive::open(
+                &config.archive,
+                &config.cgroup_records,
+                upstream.clone(),
+                registry,
+            ) {
                 Ok(archive) => Some(archive),
                 Err(e) if strict => return Err(ServerError::Archive(e)),
                 Err(e) => {

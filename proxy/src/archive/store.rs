@@ -87,6 +87,9 @@ pub struct ContainerMeta {
     /// The log path containerd reported (kubelet's file, gone by now).
     #[serde(default)]
     pub log_path: String,
+    /// containerd-shim-dockhand-v2's cgroup placement record, read when the log was staged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<dockhand_protos::record::Record>,
 }
 
 impl ContainerMeta {
@@ -110,6 +113,7 @@ impl ContainerMeta {
             labels: BTreeMap::new(),
             annotations: BTreeMap::new(),
             log_path: String::new(),
+            cgroup: None,
         }
     }
 }
@@ -488,6 +492,7 @@ impl ContainerMeta {
                 newer.annotations.clone()
             },
             log_path: pick(&newer.log_path, &older.log_path),
+            cgroup: newer.cgroup.clone().or_else(|| older.cgroup.clone()),
         }
     }
 }

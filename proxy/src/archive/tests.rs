@@ -583,7 +583,13 @@ async fn open_registers_metrics_and_loads_what_a_crash_left() {
         std::time::Duration::from_secs(1),
     );
     let mut registry = prometheus_client::registry::Registry::default();
-    let archive = super::Archive::open(&config, upstream, &mut registry).unwrap();
+    let archive = super::Archive::open(
+        &config,
+        std::path::Path::new("/nonexistent/cgroups"),
+        upstream,
+        &mut registry,
+    )
+    .unwrap();
     assert!(archive.contains(ID));
     assert!(!archive.contains("../etc"));
     let mut text = String::new();
@@ -625,7 +631,13 @@ async fn the_free_space_floor_drops_archived_containers() {
         std::time::Duration::from_secs(1),
     );
     let mut registry = prometheus_client::registry::Registry::default();
-    let archive = super::Archive::open(&config, upstream, &mut registry).unwrap();
+    let archive = super::Archive::open(
+        &config,
+        std::path::Path::new("/nonexistent/cgroups"),
+        upstream,
+        &mut registry,
+    )
+    .unwrap();
     archive.enforce_retention();
     assert!(!archive.contains(ID));
     assert!(store.list().unwrap().is_empty());
