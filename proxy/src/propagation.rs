@@ -13,6 +13,8 @@ use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use dockhand_protos::cri::{CreateContainerRequest, Mount, MountPropagation};
 use dockhand_protos::wire::{self, Edit, Op, Step};
@@ -20,6 +22,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
+use tracing::Instrument;
 
 use crate::config::{PropagationConfig, PropagationMode};
 use crate::grpc::Reply;
@@ -287,10 +290,14 @@ struct ResultLabels {
 /// The CreateContainer handler: state and metrics.
 pub struct Propagation {
     config: PropagationConfig,
-    rule: Rule,
-    mounts: WatchedMountTable,
+    /// The rule and the host's mount table, shared with the blocking pool that decides.
+    decider: Arc<(Rule, WatchedMountTable)>,
     rewrites: Family<ResultLabels, Counter>,
 }
+
+/// How long deciding (`lstat`/`readlink` of host paths, the mount table) may take. A host path
+/// on a hung filesystem must not stall the proxy: past this the request goes as it came.
+const DECIDE_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Propagation {
     pub fn new(config: PropagationConfig, registry: &mut Registry) -> Propagation {
@@ -301,9 +308,11 @@ impl Propagation {
             rewrites.clone(),
         );
         Propagation {
-            rule: Rule::new(&config),
+            decider: Arc::new((
+                Rule::new(&config),
+                WatchedMountTable::new(Path::new(mountinfo::MOUNTINFO)),
+            )),
             config,
-            mounts: WatchedMountTable::new(Path::new(mountinfo::MOUNTINFO)),
             rewrites,
         }
     }
@@ -340,9 +349,34 @@ impl Propagation {
             .map(|m| m.name.clone())
             .unwrap_or_default();
         let span = tracing::info_span!("create_container", pod = %pod, container = %container);
-        let _enter = span.enter();
+        self.decide_and_forward(call, request)
+            .instrument(span)
+            .await
+    }
 
-        let decisions = decide(&self.rule, &config.mounts, || self.mounts.current());
+    async fn decide_and_forward(&self, call: UnaryCall, request: CreateContainerRequest) -> Reply {
+        let mounts = request.config.map(|c| c.mounts).unwrap_or_default();
+        let decider = self.decider.clone();
+        let decided = tokio::task::spawn_blocking(move || {
+            let (rule, table) = &*decider;
+            decide(rule, &mounts, || table.current())
+        });
+        let decisions = match tokio::time::timeout(DECIDE_TIMEOUT, decided).await {
+            Ok(Ok(decisions)) => decisions,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "deciding failed; forwarding unchanged");
+                self.count("error", 1);
+                return call.forward_unchanged().await;
+            }
+            Err(_) => {
+                tracing::warn!(
+                    timeout_s = DECIDE_TIMEOUT.as_secs(),
+                    "host paths did not answer in time (a hung filesystem?); forwarding unchanged"
+                );
+                self.count("timeout", 1);
+                return call.forward_unchanged().await;
+            }
+        };
         if decisions.is_empty() {
             return call.forward_unchanged().await;
         }
