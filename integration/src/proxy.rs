@@ -222,3 +222,16 @@ fn older_than_sources(bin: &Path) -> bool {
     let sources = newest(&crate::fixtures::workspace_dir().join("proxy/src"));
     matches!((built, sources), (Some(built), Some(sources)) if sources > built)
 }
+
+/// GETs `path` from the proxy's loopback metrics endpoint on `port`; the whole HTTP response.
+pub fn http_get(port: u16, path: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    Ok(text)
+}

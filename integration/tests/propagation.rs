@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use dockhand_integration::cri::{ContainerSpec, Cri, Pod, PodSpec};
 use dockhand_integration::node::{Node, NodeOptions, RootPropagation};
-use dockhand_integration::proxy::{proxy_binary, ProxyProcess};
+use dockhand_integration::proxy::{http_get, proxy_binary, ProxyProcess};
 use dockhand_protos::cri::{self, MountPropagation};
 
 const DECISION: &str = "dockhand.io/mount-propagation";
@@ -18,18 +18,6 @@ fn host_mount(host: &str, container: &str, propagation: MountPropagation) -> cri
         propagation: propagation as i32,
         ..Default::default()
     }
-}
-
-fn http_get(port: u16, path: &str) -> Result<String> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text)?;
-    Ok(text)
 }
 
 /// Runs a sleeping busybox with `mounts` in a fresh pod; returns (pod, container id).

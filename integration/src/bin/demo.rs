@@ -1,14 +1,12 @@
 //! `make demo`: a sandboxed containerd with dockhand in front of it, doing its job on one node.
 //! Everything it starts is stopped and removed when it ends.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::process::Command;
 
 use anyhow::{Context, Result};
 use dockhand_integration::cri::{ContainerSpec, Cri, PodSpec};
 use dockhand_integration::node::{Node, NodeOptions};
-use dockhand_integration::proxy::ProxyProcess;
+use dockhand_integration::proxy::{http_get, ProxyProcess};
 use dockhand_protos::cri;
 
 fn step(text: &str) {
@@ -24,17 +22,6 @@ fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
-}
-
-fn http_get(port: u16, path: &str) -> Result<String> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text)?;
-    Ok(text)
 }
 
 #[tokio::main]

@@ -573,23 +573,7 @@ async fn open_registers_metrics_and_loads_what_a_crash_left() {
         ..Default::default()
     };
     // An archived container from a previous run.
-    let store = Store::new(&config.dir, 3);
-    store
-        .append_generation(&meta(&id()), 1, &mut "x F y\n".as_bytes())
-        .unwrap();
-    store.complete(&meta(&id())).unwrap();
-    let upstream = crate::upstream::Upstream::new(
-        &t.root.join("no-containerd.sock"),
-        std::time::Duration::from_secs(1),
-    );
-    let mut registry = prometheus_client::registry::Registry::default();
-    let archive = super::Archive::open(
-        &config,
-        std::path::Path::new("/nonexistent/cgroups"),
-        upstream,
-        &mut registry,
-    )
-    .unwrap();
+    let (archive, _, registry) = open_with_one_archived(&config, &t.root);
     assert!(archive.contains(ID));
     assert!(!archive.contains("../etc"));
     let mut text = String::new();
@@ -621,23 +605,7 @@ async fn the_free_space_floor_drops_archived_containers() {
         min_free_percent: 100,
         ..Default::default()
     };
-    let store = Store::new(&config.dir, 3);
-    store
-        .append_generation(&meta(&id()), 1, &mut "x F y\n".as_bytes())
-        .unwrap();
-    store.complete(&meta(&id())).unwrap();
-    let upstream = crate::upstream::Upstream::new(
-        &t.root.join("no-containerd.sock"),
-        std::time::Duration::from_secs(1),
-    );
-    let mut registry = prometheus_client::registry::Registry::default();
-    let archive = super::Archive::open(
-        &config,
-        std::path::Path::new("/nonexistent/cgroups"),
-        upstream,
-        &mut registry,
-    )
-    .unwrap();
+    let (archive, store, registry) = open_with_one_archived(&config, &t.root);
     archive.enforce_retention();
     assert!(!archive.contains(ID));
     assert!(store.list().unwrap().is_empty());
@@ -648,4 +616,34 @@ async fn the_free_space_floor_drops_archived_containers() {
         "{text}"
     );
     assert!(text.contains("dockhand_archive_containers 0"), "{text}");
+}
+
+/// The archive opened over a store that already holds one complete container (`id()`), with no
+/// containerd to ask; with the store and the metrics registry, for the test to look at.
+fn open_with_one_archived(
+    config: &crate::config::ArchiveConfig,
+    root: &std::path::Path,
+) -> (
+    std::sync::Arc<super::Archive>,
+    Store,
+    prometheus_client::registry::Registry,
+) {
+    let store = Store::new(&config.dir, 3);
+    store
+        .append_generation(&meta(&id()), 1, &mut "x F y\n".as_bytes())
+        .unwrap();
+    store.complete(&meta(&id())).unwrap();
+    let upstream = crate::upstream::Upstream::new(
+        &root.join("no-containerd.sock"),
+        std::time::Duration::from_secs(1),
+    );
+    let mut registry = prometheus_client::registry::Registry::default();
+    let archive = super::Archive::open(
+        config,
+        std::path::Path::new("/nonexistent/cgroups"),
+        upstream,
+        &mut registry,
+    )
+    .unwrap();
+    (archive, store, registry)
 }
