@@ -53,7 +53,13 @@ impl Upstream {
     }
 
     async fn sender(&self) -> Result<SendRequest<Body>, UpstreamError> {
-        if let Some(sender) = self.inner.sender.lock().unwrap().as_ref() {
+        if let Some(sender) = self
+            .inner
+            .sender
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
             if !sender.is_closed() {
                 return Ok(sender.clone());
             }
@@ -80,7 +86,7 @@ impl Upstream {
             }
         });
         tracing::debug!(socket = %self.inner.socket.display(), "connected to containerd");
-        *self.inner.sender.lock().unwrap() = Some(sender.clone());
+        *self.inner.sender.lock().unwrap_or_else(|e| e.into_inner()) = Some(sender.clone());
         Ok(sender)
     }
 
