@@ -704,7 +704,12 @@ async fn shim_section() {
         .unwrap();
     let bin = install.path().join("containerd-shim-dockhand-v2");
     std::fs::copy(&shim_bin, &bin).unwrap();
-    let records = install.path().join("records");
+    // Records on tmpfs, as /run/dockhand/cgroups is on a node (fsync there costs nothing).
+    let records_dir = tempfile::Builder::new()
+        .prefix("dockhand-records-")
+        .tempdir_in("/dev/shm")
+        .unwrap();
+    let records = records_dir.path().to_path_buf();
     std::fs::write(
         install.path().join("containerd-shim-dockhand-v2.json"),
         format!("{{\"recordDir\": \"{}\"}}", records.display()),
