@@ -5,6 +5,7 @@
 //! - `codec`: gRPC length-prefixed framing and a raw-bytes tonic codec.
 //! - `wire`: the wire-preserving editor: change one field deep inside an encoded message and keep
 //!   every other byte, unknown fields included.
+//! - `record`: the cgroup placement record the shim writes and the proxy and CLI read.
 #![forbid(unsafe_code)]
 
 pub mod codec;

@@ -2,7 +2,7 @@
 //!
 //! kubelet talks to the proxy as if it were containerd. Every call passes through untouched at
 //! the HTTP/2 level, except the few methods in `intercept`'s table, where dockhand has a reason to
-//! act (Docker-parity mount propagation, ...).
+//! act: Docker-parity mount propagation, the container log archive, the shim's cgroup record.
 //!
 //! Layout:
 //! - `config`: the TOML configuration and its defaults.
