@@ -382,3 +382,39 @@ fn a_bad_config_is_a_clear_error_and_exit_code_64() {
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read config file"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shutdown_lets_an_in_flight_call_finish_and_stops_accepting() {
+    // containerd takes 700 ms to answer this call.
+    let fake = FakeUpstream::start(|_, _| {
+        std::thread::sleep(Duration::from_millis(700));
+        Answer::Message(Bytes::from_static(b"\x0a\x01v"))
+    })
+    .await;
+    let proxy = InProcessProxy::start(fake.socket(), "").await;
+    let socket = proxy.socket().to_path_buf();
+    let client = channel(&socket).await;
+    let call = tokio::spawn(async move {
+        let mut grpc = tonic::client::Grpc::new(client);
+        grpc.ready().await.unwrap();
+        grpc.unary(
+            tonic::Request::new(Bytes::new()),
+            http::uri::PathAndQuery::from_static("/runtime.v1.RuntimeService/Version"),
+            RawCodec,
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    proxy.shutdown().await;
+    // The server returned only after the call it was serving had its answer.
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        started.elapsed()
+    );
+    let answer = call.await.unwrap().expect("the in-flight call completes");
+    assert_eq!(answer.into_inner(), Bytes::from_static(b"\x0a\x01v"));
+    assert!(!socket.exists(), "the socket is removed");
+    assert!(UnixStream::connect(&socket).await.is_err());
+}
