@@ -543,3 +543,115 @@ async fn hostile_log_trees_are_refused() -> Result<()> {
     assert!(!node.temp_dir().join("etc").exists());
     Ok(())
 }
+
+/// Free space (available, total) in bytes of the filesystem at `path`, as seen in the node's
+/// mount namespace (where the proxy runs).
+fn free_space(node: &Node, path: &Path) -> Result<(u64, u64)> {
+    let out = node
+        .ns_command("stat")
+        .args(["-f", "-c", "%a %b %S"])
+        .arg(path)
+        .output()?;
+    ensure!(out.status.success(), "stat -f failed");
+    let text = String::from_utf8(out.stdout)?;
+    let n: Vec<u64> = text
+        .split_whitespace()
+        .map(|v| v.parse())
+        .collect::<Result<_, _>>()?;
+    ensure!(n.len() == 3, "stat -f said {text:?}");
+    Ok((n[0] * n[2], n[1] * n[2]))
+}
+
+/// `dockhand logs --json` run inside the node's mount namespace (where a filesystem mounted
+/// there, and the proxy, live).
+fn listed_in_node(node: &Node, dirs: &Dirs) -> Result<Vec<serde_json::Value>> {
+    let out = node
+        .ns_command(proxy_binary()?)
+        .args(["logs", "--json", "--dir"])
+        .arg(&dirs.archive)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "dockhand logs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// The archive on a small filesystem of its own: the free-space floor drops the oldest
+/// containers, keeps the newest, and the floor holds once retention has run.
+#[tokio::test(flavor = "multi_thread")]
+async fn free_space_floor_drops_the_oldest() -> Result<()> {
+    let node = Node::start(NodeOptions::default()).await?;
+    let small = node.temp_dir().join("small");
+    std::fs::create_dir(&small)?;
+    let mounted = node
+        .ns_command("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "archive-fs"])
+        .arg(&small)
+        .status()?
+        .success();
+    ensure!(mounted, "mount tmpfs");
+    let archive = small.join("archive");
+    let dirs = Dirs {
+        archive: archive.clone(),
+        staging: node.temp_dir().join("staging"),
+        restored: node.temp_dir().join("restored"),
+    };
+    let toml = format!(
+        "[archive]\ndir = \"{}\"\nstaging_dir = \"{}\"\nrestored_dir = \"{}\"\npod_logs_dir = \"{}\"\nmin_free_percent = 50\n",
+        dirs.archive.display(),
+        dirs.staging.display(),
+        dirs.restored.display(),
+        node.logs_root().display()
+    );
+    let proxy = ProxyProcess::start(&node, &toml).await?;
+    let cri = proxy.cri().await?;
+    let pod = cri.run_pod(&PodSpec::new("big-jobs")).await?;
+    let mut ids = Vec::new();
+    for attempt in 0..6 {
+        // About 200 KB of base64 noise each: about 150 KB compressed, 15% of the filesystem.
+        let mut container = ContainerSpec::new(
+            "noise",
+            &["sh", "-c", "head -c 150000 /dev/urandom | base64"],
+        );
+        container.attempt = attempt;
+        let id = cri.run_container(&pod, &container).await?;
+        cri.wait_exited(&id, WAIT).await?;
+        cri.remove_container_like_kubelet(&id).await?;
+        ids.push(id);
+    }
+    // The last one is archived and retention has made room again.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (free, total) = loop {
+        let entries = listed_in_node(&node, &dirs)?;
+        let last_in = entries
+            .iter()
+            .any(|e| e["id"] == ids[ids.len() - 1].as_str() && e["complete"] == true);
+        let (free, total) = free_space(&node, &small)?;
+        if last_in && free * 2 >= total {
+            break (free, total);
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "after 30 s: {free} of {total} bytes free, archive lists {entries:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(free * 2 >= total, "{free} of {total} bytes free");
+    let kept: Vec<String> = listed_in_node(&node, &dirs)?
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        !kept.is_empty() && kept.len() < ids.len(),
+        "kept {kept:?} of {ids:?}"
+    );
+    assert_eq!(
+        kept,
+        ids[ids.len() - kept.len()..].to_vec(),
+        "the newest are kept, in order"
+    );
+    let _ = node.ns_command("umount").arg(&small).status();
+    Ok(())
+}
