@@ -24,13 +24,24 @@ struct Dirs {
 }
 
 fn archive_config(node: &Node, extra: &str) -> (String, Dirs) {
+    archive_config_in(node, &node.temp_dir().join("archive"), 0, extra)
+}
+
+/// The archive in `archive` (staging and restored copies in the node's temp dir) with a
+/// free-space floor of `min_free_percent`.
+fn archive_config_in(
+    node: &Node,
+    archive: &Path,
+    min_free_percent: u8,
+    extra: &str,
+) -> (String, Dirs) {
     let dirs = Dirs {
-        archive: node.temp_dir().join("archive"),
+        archive: archive.to_path_buf(),
         staging: node.temp_dir().join("staging"),
         restored: node.temp_dir().join("restored"),
     };
     let toml = format!(
-        "[archive]\ndir = \"{}\"\nstaging_dir = \"{}\"\nrestored_dir = \"{}\"\npod_logs_dir = \"{}\"\nmin_free_percent = 0\n{extra}\n",
+        "[archive]\ndir = \"{}\"\nstaging_dir = \"{}\"\nrestored_dir = \"{}\"\npod_logs_dir = \"{}\"\nmin_free_percent = {min_free_percent}\n{extra}\n",
         dirs.archive.display(),
         dirs.staging.display(),
         dirs.restored.display(),
@@ -592,19 +603,7 @@ async fn free_space_floor_drops_the_oldest() -> Result<()> {
         .status()?
         .success();
     ensure!(mounted, "mount tmpfs");
-    let archive = small.join("archive");
-    let dirs = Dirs {
-        archive: archive.clone(),
-        staging: node.temp_dir().join("staging"),
-        restored: node.temp_dir().join("restored"),
-    };
-    let toml = format!(
-        "[archive]\ndir = \"{}\"\nstaging_dir = \"{}\"\nrestored_dir = \"{}\"\npod_logs_dir = \"{}\"\nmin_free_percent = 50\n",
-        dirs.archive.display(),
-        dirs.staging.display(),
-        dirs.restored.display(),
-        node.logs_root().display()
-    );
+    let (toml, dirs) = archive_config_in(&node, &small.join("archive"), 50, "");
     let proxy = ProxyProcess::start(&node, &toml).await?;
     let cri = proxy.cri().await?;
     let pod = cri.run_pod(&PodSpec::new("big-jobs")).await?;
