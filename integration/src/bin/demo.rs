@@ -26,14 +26,40 @@ fn free_port() -> Result<u16> {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    step("starting a sandboxed containerd (its own mount namespace, \"/\" rshared as on a systemd node)");
-    let node = Node::start(NodeOptions::default()).await?;
+    // dockhand's shim, installed in a directory of its own with its records kept there too.
+    let shim_dir = tempfile::Builder::new()
+        .prefix("dockhand-shim-")
+        .tempdir_in("/tmp")?;
+    let shim = shim_dir.path().join("containerd-shim-dockhand-v2");
+    std::fs::copy(
+        dockhand_integration::fixtures::target_dir().join("debug/containerd-shim-dockhand-v2"),
+        &shim,
+    )
+    .context("the shim binary (make build builds it)")?;
+    let records = shim_dir.path().join("records");
+    std::fs::write(
+        shim_dir.path().join("containerd-shim-dockhand-v2.json"),
+        format!("{{\"recordDir\": \"{}\"}}", records.display()),
+    )?;
+
+    step("starting a sandboxed containerd (its own mount namespace, \"/\" rshared as on a systemd node, dockhand's shim as the runc runtime)");
+    let node = Node::start(NodeOptions {
+        runtime_path: Some(shim.clone()),
+        ..NodeOptions::default()
+    })
+    .await?;
     println!("containerd socket: {}", node.containerd_socket().display());
 
     step("starting dockhand proxy in front of it");
     let port = free_port()?;
-    let proxy =
-        ProxyProcess::start(&node, &format!("metrics_address = \"127.0.0.1:{port}\"")).await?;
+    let proxy = ProxyProcess::start(
+        &node,
+        &format!(
+            "metrics_address = \"127.0.0.1:{port}\"\ncgroup_records = \"{}\"",
+            records.display()
+        ),
+    )
+    .await?;
     println!(
         "kubelet would use --container-runtime-endpoint=unix://{}",
         proxy.socket().display()
@@ -98,6 +124,31 @@ async fn main() -> Result<()> {
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
+    );
+
+    step("where each container sits in the cgroup tree (what docker inspect told)");
+    println!("$ dockhand cgroups");
+    let out = Command::new(&bin)
+        .arg("cgroups")
+        .arg("--records")
+        .arg(&records)
+        .arg("--socket")
+        .arg(proxy.socket())
+        .output()?;
+    print!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let verbose = via_proxy.container_status(&through, true).await?;
+    println!(
+        "crictl inspect {} through dockhand: info[\"dockhand.cgroup\"] = {}",
+        &through[..12],
+        verbose
+            .info
+            .get("dockhand.cgroup")
+            .map(String::as_str)
+            .unwrap_or("(none)")
     );
 
     step("a finished Job's logs survive kubelet's garbage collection");
