@@ -23,6 +23,8 @@ pub enum Answer {
     Stream(Vec<Bytes>),
     /// A trailers-only error.
     Status(tonic::Code, String),
+    /// The inner answer, after a delay (a slow containerd), without blocking the runtime.
+    Delayed(std::time::Duration, Box<Answer>),
 }
 
 /// One request as the fake received it.
@@ -150,7 +152,12 @@ async fn respond(
     let mut response = http::Response::builder()
         .status(200)
         .header("content-type", "application/grpc");
-    match answer(&path, &message) {
+    let mut answer = answer(&path, &message);
+    while let Answer::Delayed(delay, inner) = answer {
+        tokio::time::sleep(delay).await;
+        answer = *inner;
+    }
+    match answer {
         Answer::Message(message) => {
             frames.push(Ok(Frame::data(codec::frame(&message))));
             frames.push(Ok(Frame::trailers(ok_trailers())));
@@ -159,6 +166,7 @@ async fn respond(
             frames.extend(messages.iter().map(|m| Ok(Frame::data(codec::frame(m)))));
             frames.push(Ok(Frame::trailers(ok_trailers())));
         }
+        Answer::Delayed(..) => unreachable!("unwrapped above"),
         Answer::Status(code, message) => {
             response = response
                 .header("grpc-status", (code as i32).to_string())

@@ -383,12 +383,14 @@ fn a_bad_config_is_a_clear_error_and_exit_code_64() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read config file"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[tokio::test(flavor = "multi_thread")]
 async fn shutdown_lets_an_in_flight_call_finish_and_stops_accepting() {
     // containerd takes 700 ms to answer this call.
     let fake = FakeUpstream::start(|_, _| {
-        std::thread::sleep(Duration::from_millis(700));
-        Answer::Message(Bytes::from_static(b"\x0a\x01v"))
+        Answer::Delayed(
+            Duration::from_millis(700),
+            Box::new(Answer::Message(Bytes::from_static(b"\x0a\x01v"))),
+        )
     })
     .await;
     let proxy = InProcessProxy::start(fake.socket(), "").await;
@@ -404,7 +406,18 @@ async fn shutdown_lets_an_in_flight_call_finish_and_stops_accepting() {
         )
         .await
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Shut down only once the call is in flight: containerd (the fake) has received it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fake
+        .seen_for("/runtime.v1.RuntimeService/Version")
+        .is_empty()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the call never reached the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let started = Instant::now();
     proxy.shutdown().await;
     // The server returned only after the call it was serving had its answer.
