@@ -203,7 +203,7 @@ impl InProcessProxy {
         }
         config.validate().expect("valid config");
         let mut registry = prometheus_client::registry::Registry::default();
-        let proxy = dockhand::server::Proxy::new(&config, &mut registry);
+        let proxy = dockhand::server::Proxy::new(&config, &mut registry).expect("proxy starts");
         let listener = dockhand::server::bind(&socket).expect("bind proxy socket");
         let (stop, stopped) = oneshot::channel::<()>();
         let done = tokio::spawn(async move {

@@ -429,11 +429,14 @@ impl Archive {
 
     /// ContainerStatus: forwarded; when containerd answers NotFound for an archived container,
     /// answered with its exited status and a restored copy of its log.
-    pub async fn container_status(&self, call: UnaryCall) -> Reply {
-        let id = call
-            .decode::<ContainerStatusRequest>()
-            .ok()
-            .and_then(|r| ContainerId::parse(&r.container_id).ok());
+    /// `request` is the caller's, decoded once by the intercept table (None when it does not
+    /// decode).
+    pub async fn container_status(
+        &self,
+        call: UnaryCall,
+        request: Option<&ContainerStatusRequest>,
+    ) -> Reply {
+        let id = request.and_then(|r| ContainerId::parse(&r.container_id).ok());
         let reply = call.forward_unchanged().await;
         let Some(id) = id else {
             return reply;

@@ -12,7 +12,7 @@ use dockhand_protos::cri::{
 use serde::Serialize;
 
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
-use crate::propagation::{Resolver, Rule, DECISION_ANNOTATION};
+use crate::propagation::{recorded_decision, Resolver, Rule, DECISION_ANNOTATION};
 
 #[derive(clap::Args)]
 pub struct PropagationArgs {
@@ -52,16 +52,11 @@ pub fn findings_for(
     id: &str,
     mounts: &[Mount],
 ) -> Vec<Finding> {
-    let decision = annotations.get(DECISION_ANNOTATION);
     let decided = |path: &str, what: &str| {
-        decision.is_some_and(|text| {
-            text.split(", ").any(|entry| {
-                entry
-                    .strip_prefix(path)
-                    .and_then(|r| r.strip_prefix('='))
-                    .is_some_and(|r| r.starts_with(what))
-            })
-        })
+        annotations
+            .get(DECISION_ANNOTATION)
+            .and_then(|text| recorded_decision(text, path))
+            .is_some_and(|decision| decision.starts_with(what))
     };
     let label = |key: &str| labels.get(key).cloned().unwrap_or_default();
     let mut resolver = Resolver::default();

@@ -138,9 +138,10 @@ impl Handlers {
                 None => call.forward_unchanged().await,
             },
             Intercepted::ContainerStatus => {
+                // Decoded once for both steps: the archive needs the id, placement the verbosity.
                 let request = call.decode::<ContainerStatusRequest>().ok();
                 let reply = match &self.archive {
-                    Some(archive) => archive.container_status(call).await,
+                    Some(archive) => archive.container_status(call, request.as_ref()).await,
                     None => call.forward_unchanged().await,
                 };
                 self.placement.add_record(request.as_ref(), reply)

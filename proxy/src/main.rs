@@ -124,7 +124,7 @@ async fn proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let mut registry = prometheus_client::registry::Registry::default();
-    let proxy = server::Proxy::try_new(&config, &mut registry)?;
+    let proxy = server::Proxy::new(&config, &mut registry)?;
     let listener = server::bind(&config.listen)?;
     tracing::info!(
         listen = %config.listen.display(),

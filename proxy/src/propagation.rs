@@ -256,6 +256,16 @@ pub fn annotation(decisions: &[MountDecision]) -> String {
         .join(", ")
 }
 
+/// What an annotation written by [`annotation`] says about `container_path`: `"rslave"` or
+/// `"private(<why>)"`, or None when it does not name that path.
+pub fn recorded_decision<'a>(annotation: &'a str, container_path: &str) -> Option<&'a str> {
+    annotation.split(", ").find_map(|entry| {
+        entry
+            .strip_prefix(container_path)
+            .and_then(|rest| rest.strip_prefix('='))
+    })
+}
+
 /// The byte edits that carry out `decisions` on an encoded CreateContainerRequest.
 pub fn edits(decisions: &[MountDecision]) -> Vec<Edit> {
     let mut edits: Vec<Edit> = decisions

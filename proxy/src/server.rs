@@ -97,21 +97,9 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// The proxy; an archive that cannot open is logged and switched off (see `try_new`).
-    pub fn new(config: &Config, registry: &mut Registry) -> Proxy {
-        match Proxy::build(config, registry, false) {
-            Ok(proxy) => proxy,
-            Err(e) => unreachable!("a lenient build does not fail: {e}"),
-        }
-    }
-
-    /// The proxy, refusing to start when the container log archive cannot open (e.g. staging
-    /// is not on the pod logs' filesystem): what `dockhand proxy` uses.
-    pub fn try_new(config: &Config, registry: &mut Registry) -> Result<Proxy, ServerError> {
-        Proxy::build(config, registry, true)
-    }
-
-    fn build(config: &Config, registry: &mut Registry, strict: bool) -> Result<Proxy, ServerError> {
+    /// The proxy. Fails when the container log archive cannot open (e.g. staging is not on the
+    /// pod logs' filesystem): better a clear error at start-up than logs silently not kept.
+    pub fn new(config: &Config, registry: &mut Registry) -> Result<Proxy, ServerError> {
         let upstream = Upstream::new(
             &config.containerd,
             Duration::from_secs(config.connect_timeout_seconds),
@@ -124,11 +112,7 @@ impl Proxy {
                 registry,
             ) {
                 Ok(archive) => Some(archive),
-                Err(e) if strict => return Err(ServerError::Archive(e)),
-                Err(e) => {
-                    tracing::error!(error = %e, "container log archive disabled");
-                    None
-                }
+                Err(e) => return Err(ServerError::Archive(e)),
             }
         } else {
             None

@@ -237,3 +237,27 @@ fn resolver_follows_relative_and_chained_links_and_parent_dirs() {
     // A loop ends (the path is then treated as missing) instead of hanging.
     assert_eq!(resolver.resolve(&root.join("loop/x")), root.join("loop/x"));
 }
+
+#[test]
+fn the_annotation_reads_back_per_mount() {
+    let decisions = decide_with(
+        &config(),
+        &[private("/", "/rootfs"), private("/var", "/rootfs/var")],
+        PRIVATE_ROOT,
+    );
+    let text = annotation(&decisions);
+    assert_eq!(
+        recorded_decision(&text, "/rootfs"),
+        Some("private(host mount private)")
+    );
+    assert_eq!(
+        recorded_decision(&text, "/rootfs/var"),
+        Some("private(host mount private)")
+    );
+    assert_eq!(
+        recorded_decision("/rootfs=rslave", "/rootfs"),
+        Some("rslave")
+    );
+    assert_eq!(recorded_decision("/rootfs=rslave", "/root"), None);
+    assert_eq!(recorded_decision(&text, "/etc"), None);
+}
