@@ -184,18 +184,11 @@ impl BinaryProxy {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("dockhand.sock");
         let config = dir.path().join("dockhand.toml");
-        let d = dir.path();
-        std::fs::write(
-            &config,
-            format!(
-                "[archive]\ndir = \"{}\"\nstaging_dir = \"{}\"\nrestored_dir = \"{}\"\npod_logs_dir = \"{}\"\n",
-                d.join("archive").display(),
-                d.join("staging").display(),
-                d.join("restored").display(),
-                d.join("pods").display()
-            ),
-        )
-        .unwrap();
+        let archive = dockhand_integration::proxy::archive_toml(
+            &dir.path().join("archive"),
+            &dir.path().join("pods"),
+        );
+        std::fs::write(&config, archive).unwrap();
         // Its log (a warning per fallback decision) goes to a file, as under systemd.
         let log = std::fs::File::create(dir.path().join("dockhand.log")).unwrap();
         let child = Command::new(dockhand_bin())

@@ -191,16 +191,16 @@ impl InProcessProxy {
     pub async fn start(containerd: &Path, toml: &str) -> InProcessProxy {
         let dir = tempfile::tempdir().expect("temp dir");
         let socket = dir.path().join("dockhand.sock");
-        let mut config: dockhand::config::Config = toml::from_str(toml).expect("valid config");
+        let mut text = toml.to_string();
+        if !toml.contains("[archive]") {
+            text.push_str(&crate::proxy::archive_toml(
+                &dir.path().join("archive"),
+                &dir.path().join("pods"),
+            ));
+        }
+        let mut config: dockhand::config::Config = toml::from_str(&text).expect("valid config");
         config.listen = socket.clone();
         config.containerd = containerd.to_path_buf();
-        if !toml.contains("[archive]") {
-            // Never the host's /var/lib/dockhand: the archive lives in this proxy's temp dir.
-            config.archive.dir = dir.path().join("archive");
-            config.archive.staging_dir = dir.path().join("staging");
-            config.archive.restored_dir = dir.path().join("restored");
-            config.archive.pod_logs_dir = dir.path().join("pods");
-        }
         config.validate().expect("valid config");
         let mut registry = prometheus_client::registry::Registry::default();
         let proxy = dockhand::server::Proxy::new(&config, &mut registry).expect("proxy starts");

@@ -148,12 +148,7 @@ impl Cri {
             linux: Some(cri::LinuxPodSandboxConfig {
                 cgroup_parent,
                 security_context: Some(cri::LinuxSandboxSecurityContext {
-                    namespace_options: Some(cri::NamespaceOption {
-                        network: cri::NamespaceMode::Node as i32,
-                        pid: cri::NamespaceMode::Container as i32,
-                        ipc: cri::NamespaceMode::Pod as i32,
-                        ..Default::default()
-                    }),
+                    namespace_options: Some(host_network()),
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -227,12 +222,7 @@ impl Cri {
                     ..Default::default()
                 }),
                 security_context: Some(cri::LinuxContainerSecurityContext {
-                    namespace_options: Some(cri::NamespaceOption {
-                        network: cri::NamespaceMode::Node as i32,
-                        pid: cri::NamespaceMode::Container as i32,
-                        ipc: cri::NamespaceMode::Pod as i32,
-                        ..Default::default()
-                    }),
+                    namespace_options: Some(host_network()),
                     masked_paths: MASKED_PATHS.iter().map(|s| s.to_string()).collect(),
                     readonly_paths: READONLY_PATHS.iter().map(|s| s.to_string()).collect(),
                     ..Default::default()
@@ -308,6 +298,17 @@ fn rfc3339_now() -> String {
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
     crate::logs::format_rfc3339(now.as_secs() as i64, now.subsec_nanos())
+}
+
+/// The namespaces kubelet asks for in a host-network pod, for the sandbox and each container
+/// alike: the node's network, a pid namespace per container, the pod's IPC.
+fn host_network() -> cri::NamespaceOption {
+    cri::NamespaceOption {
+        network: cri::NamespaceMode::Node as i32,
+        pid: cri::NamespaceMode::Container as i32,
+        ipc: cri::NamespaceMode::Pod as i32,
+        ..Default::default()
+    }
 }
 
 #[cfg(test)]

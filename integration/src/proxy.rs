@@ -39,17 +39,8 @@ impl ProxyProcess {
             dir.join("dockhand.sock").display(),
             node.containerd_socket().display()
         );
-        // The log archive's directories live in the node's temp dir, never in the host's
-        // /var/lib/dockhand, unless the test configures the archive itself.
         if !extra_toml.contains("[archive]") {
-            let archive = dir.join("archive");
-            config.push_str(&format!(
-                "[archive]\ndir = \"{}\"\nstaging_dir = \"{}\"\nrestored_dir = \"{}\"\npod_logs_dir = \"{}\"\n",
-                archive.join("store").display(),
-                archive.join("staging").display(),
-                archive.join("restored").display(),
-                node.logs_root().display(),
-            ));
+            config.push_str(&archive_toml(&dir.join("archive"), node.logs_root()));
         }
         std::fs::write(dir.join("dockhand.toml"), config)?;
         let mut proxy = ProxyProcess {
@@ -234,4 +225,17 @@ pub fn http_get(port: u16, path: &str) -> Result<String> {
     let mut text = String::new();
     stream.read_to_string(&mut text)?;
     Ok(text)
+}
+
+/// The `[archive]` table for a proxy under test: the store, staging and restored copies under
+/// `dir` (`store/`, `staging/`, `restored/`), never in the host's /var/lib/dockhand, archiving
+/// the pod logs under `pod_logs`. Tests that configure the archive themselves write their own.
+pub fn archive_toml(dir: &Path, pod_logs: &Path) -> String {
+    format!(
+        "[archive]\ndir = \"{}\"\nstaging_dir = \"{}\"\nrestored_dir = \"{}\"\npod_logs_dir = \"{}\"\n",
+        dir.join("store").display(),
+        dir.join("staging").display(),
+        dir.join("restored").display(),
+        pod_logs.display(),
+    )
 }

@@ -1,6 +1,8 @@
 //! `make demo`: a sandboxed containerd with dockhand in front of it, doing its job on one node.
 //! Everything it starts is stopped and removed when it ends.
 
+use std::ffi::OsStr;
+use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context, Result};
@@ -16,6 +18,17 @@ fn step(text: &str) {
 async fn sh(cri: &Cri, id: &str, script: &str) -> Result<String> {
     let out = cri.exec_sync(id, &["sh", "-c", script], 20).await?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+}
+
+/// Runs the `dockhand` command line and shows what it printed.
+fn dockhand(bin: &Path, args: &[&OsStr]) -> Result<()> {
+    let out = Command::new(bin).args(args).output()?;
+    print!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
 }
 
 fn free_port() -> Result<u16> {
@@ -116,30 +129,28 @@ async fn main() -> Result<()> {
 
     step("dockhand audit propagation (what would break without dockhand)");
     let bin = dockhand_integration::proxy::proxy_binary()?;
-    let out = Command::new(&bin)
-        .args(["audit", "propagation", "--socket"])
-        .arg(proxy.socket())
-        .output()?;
-    print!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    dockhand(
+        &bin,
+        &[
+            "audit".as_ref(),
+            "propagation".as_ref(),
+            "--socket".as_ref(),
+            proxy.socket().as_os_str(),
+        ],
+    )?;
 
     step("where each container sits in the cgroup tree (what docker inspect told)");
     println!("$ dockhand cgroups");
-    let out = Command::new(&bin)
-        .arg("cgroups")
-        .arg("--records")
-        .arg(&records)
-        .arg("--socket")
-        .arg(proxy.socket())
-        .output()?;
-    print!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    dockhand(
+        &bin,
+        &[
+            "cgroups".as_ref(),
+            "--records".as_ref(),
+            records.as_os_str(),
+            "--socket".as_ref(),
+            proxy.socket().as_os_str(),
+        ],
+    )?;
     let verbose = via_proxy.container_status(&through, true).await?;
     println!(
         "crictl inspect {} through dockhand: info[\"dockhand.cgroup\"] = {}",
@@ -194,29 +205,26 @@ async fn main() -> Result<()> {
         .context("proxy dir")?
         .join("archive/store");
     println!("$ dockhand logs --pod hello-job");
-    let out = Command::new(&bin)
-        .arg("logs")
-        .arg("--dir")
-        .arg(&archive_dir)
-        .args(["--pod", "hello-job"])
-        .output()?;
-    print!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    dockhand(
+        &bin,
+        &[
+            "logs".as_ref(),
+            "--dir".as_ref(),
+            archive_dir.as_os_str(),
+            "--pod".as_ref(),
+            "hello-job".as_ref(),
+        ],
+    )?;
     println!("$ dockhand logs {}", &ids[0][..12]);
-    let out = Command::new(&bin)
-        .arg("logs")
-        .arg("--dir")
-        .arg(&archive_dir)
-        .arg(&ids[0][..12])
-        .output()?;
-    print!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    dockhand(
+        &bin,
+        &[
+            "logs".as_ref(),
+            "--dir".as_ref(),
+            archive_dir.as_os_str(),
+            ids[0][..12].as_ref(),
+        ],
+    )?;
 
     step("what passed through (dockhand_cri_requests_total from /metrics)");
     let metrics = http_get(port, "/metrics")?;
