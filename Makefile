@@ -3,19 +3,28 @@ CARGO ?= cargo
 PREFIX ?= /usr/local
 DEBIAN_PACKAGES := containerd runc busybox-static protobuf-compiler gcc libc6-dev util-linux iproute2 procps
 
-.PHONY: deps build test lint bench demo install
+.PHONY: deps tools build test lint bench demo install
 
 # Install the Debian packages the build, tests and demo need (skipped when all are present).
 deps:
 	@if dpkg -s $(DEBIAN_PACKAGES) >/dev/null 2>&1; then echo "deps: all present"; else \
 		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $(DEBIAN_PACKAGES); fi
 
+# Test peers built from pinned Go modules into target/tools/bin (crictl: a grpc-go CRI client).
+TOOLS_BIN := $(CURDIR)/target/tools/bin
+CRI_TOOLS_VERSION := v1.34.0
+tools:
+	@mkdir -p $(TOOLS_BIN)
+	@if [ ! -e $(TOOLS_BIN)/.cri-tools-$(CRI_TOOLS_VERSION) ]; then \
+		GOBIN=$(TOOLS_BIN) go install sigs.k8s.io/cri-tools/cmd/crictl@$(CRI_TOOLS_VERSION) && \
+		touch $(TOOLS_BIN)/.cri-tools-$(CRI_TOOLS_VERSION); fi
+
 # Build every binary (dockhand, containerd-shim-dockhand-v2, the demo).
 build: deps
 	$(CARGO) build --workspace --bins
 
 # Unit tests and integration tests against a real containerd started by the harness.
-test: build
+test: build tools
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		$(CARGO) nextest run --workspace --no-fail-fast; \
 	else $(CARGO) test --workspace --no-fail-fast; fi
