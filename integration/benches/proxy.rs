@@ -422,14 +422,16 @@ fn edit_section() {
     for _ in 0..n {
         let request = cri::CreateContainerRequest::decode(create.clone()).unwrap();
         let decisions = decide(&rule, &request.config.as_ref().unwrap().mounts, || {
-            dockhand::mountinfo::MountTable::parse(&table_text)
+            Ok::<_, std::convert::Infallible>(dockhand_host::mountinfo::MountTable::parse(
+                &table_text,
+            ))
         });
         let edited = dockhand_protos::wire::apply(&create, &edits(&decisions)).unwrap();
         std::hint::black_box(edited);
     }
     let per = started.elapsed() / n;
     let decisions = decide(&rule, &request.config.as_ref().unwrap().mounts, || {
-        dockhand::mountinfo::MountTable::parse(&table_text)
+        Ok::<_, std::convert::Infallible>(dockhand_host::mountinfo::MountTable::parse(&table_text))
     });
     let time = |f: &mut dyn FnMut()| {
         let started = Instant::now();
@@ -445,11 +447,15 @@ fn edit_section() {
         std::hint::black_box(decide(
             &rule,
             &request.config.as_ref().unwrap().mounts,
-            || dockhand::mountinfo::MountTable::parse(&table_text),
+            || {
+                Ok::<_, std::convert::Infallible>(dockhand_host::mountinfo::MountTable::parse(
+                    &table_text,
+                ))
+            },
         ));
     });
     let read_table = time(&mut || {
-        std::hint::black_box(dockhand::mountinfo::MountTable::read().unwrap());
+        std::hint::black_box(dockhand_host::mountinfo::MountTable::read().unwrap());
     });
     let edit_list = edits(&decisions);
     let edit = time(&mut || {
@@ -536,8 +542,8 @@ fn log_lines(bytes: usize) -> Vec<u8> {
 }
 
 fn archive_throughput_section() {
-    use dockhand::archive::names::ContainerId;
     use dockhand::archive::store::{Appended, ContainerMeta, Store};
+    use dockhand_host::ContainerId;
     let data = log_lines(100 << 20);
     let dir = tempfile::tempdir().unwrap();
     let store = Store::new(dir.path(), 3);

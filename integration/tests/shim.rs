@@ -8,12 +8,12 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use dockhand_host::record::{self, Driver, Placement, QosClass, Source, State};
 use dockhand_integration::api;
 use dockhand_integration::cleanup::{alive, processes_mentioning, signal, wait_gone};
 use dockhand_integration::{
     read_messages, target_dir, workspace_dir, ContainerSpec, Cri, Node, NodeOptions, Pod, PodSpec,
 };
-use dockhand_protos::record::{self, Driver, Placement, QosClass, Source, State};
 
 const SHIM: &str = "containerd-shim-dockhand-v2";
 

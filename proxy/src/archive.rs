@@ -17,13 +17,10 @@
 //!
 //! Files: `staging.rs` (hard links), `store.rs` (zstd frames + `meta.json`), `worker.rs` (the
 //! queue and retention), `reconcile.rs` (staging against containerd), `retention.rs` (what to
-//! drop), `restore.rs` (what kubelet sees), `names.rs` (validated path components),
-//! `nofollow.rs` (symlink-safe file operations), `cri_log.rs` and `logs_cmd.rs` (`dockhand logs`).
+//! drop), `restore.rs` (what kubelet sees), `cri_log.rs` and `logs_cmd.rs` (`dockhand logs`).
 
 pub mod cri_log;
 pub mod logs_cmd;
-pub mod names;
-pub mod nofollow;
 mod reconcile;
 pub mod restore;
 pub mod retention;
@@ -56,7 +53,8 @@ use crate::grpc::Reply;
 use crate::intercept::UnaryCall;
 use crate::upstream::Upstream;
 
-use names::{ContainerId, NameError};
+use dockhand_host::id::IdError;
+use dockhand_host::ContainerId;
 use restore::RestoreError;
 use staging::{Linked, LogLocation, Staging, StagingError};
 use store::{ContainerMeta, Entry, Store, StoreError};
@@ -90,8 +88,8 @@ pub enum ArchiveError {
         id: String,
         field: &'static str,
     },
-    #[error("invalid container id: {0}")]
-    Name(#[from] NameError),
+    #[error(transparent)]
+    Name(#[from] IdError),
     #[error(transparent)]
     Staging(#[from] StagingError),
     #[error(transparent)]
@@ -341,8 +339,8 @@ impl Archive {
     }
 
     /// The shim's cgroup record for `id`, when the shim runs and wrote one.
-    fn cgroup_record(&self, id: &ContainerId) -> Option<dockhand_protos::record::Record> {
-        match dockhand_protos::record::read(&self.cgroup_records, &id.to_string()) {
+    fn cgroup_record(&self, id: &ContainerId) -> Option<dockhand_host::record::Record> {
+        match dockhand_host::record::read(&self.cgroup_records, id.as_str()) {
             Ok(record) => record,
             Err(e) => {
                 tracing::debug!(container_id = %id, error = %e, "no cgroup record");

@@ -11,10 +11,11 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use dockhand_host::cgroup::{self, CgroupError, CgroupMounts};
+use dockhand_host::record::{self, Placement, Record, RecordError, Source};
 use dockhand_protos::cri::{
     ContainerState, ContainerStatusRequest, ListContainersRequest, ListPodSandboxRequest,
 };
-use dockhand_protos::record::{self, CgroupMounts, Placement, Record, RecordError, Source};
 use serde::Serialize;
 
 /// Arguments of `dockhand cgroups`.
@@ -56,6 +57,8 @@ pub enum CgroupsError {
     },
     #[error(transparent)]
     Record(#[from] RecordError),
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
     #[error("encode JSON: {0}")]
     Json(#[from] serde_json::Error),
 }
@@ -194,7 +197,7 @@ pub fn from_proc(
         return (None, Some("no pid in verbose info".into()));
     };
     let cgroups_path = info["runtimeSpec"]["linux"]["cgroupsPath"].as_str();
-    match record::observe(proc_root, mounts, id, pid as u32, cgroups_path) {
+    match cgroup::observe(proc_root, mounts, id, pid as u32, cgroups_path) {
         Ok(record) => (Some(record), None),
         Err(e) => (None, Some(e.to_string())),
     }
@@ -312,7 +315,7 @@ pub fn render(entries: &[Entry], with_usage: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dockhand_protos::record::{Driver, State, RECORD_VERSION};
+    use dockhand_host::record::{Driver, State, RECORD_VERSION};
 
     const ID: &str = "aa34567890abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 

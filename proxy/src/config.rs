@@ -53,7 +53,7 @@ impl Default for Config {
             metrics_address: None,
             connect_timeout_seconds: 2,
             drain_timeout_seconds: 10,
-            cgroup_records: dockhand_protos::record::DEFAULT_DIR.into(),
+            cgroup_records: dockhand_host::record::DEFAULT_DIR.into(),
             propagation: PropagationConfig::default(),
             archive: ArchiveConfig::default(),
         }

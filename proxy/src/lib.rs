@@ -12,7 +12,6 @@
 //! - `grpc`: a whole unary reply that handlers read or replace.
 //! - `metrics`: the Prometheus registry, per-call metrics and the `/metrics` endpoint.
 //! - `propagation`: Docker-parity mount propagation (CreateContainer).
-//! - `mountinfo`: the host's mount table and each mount's propagation.
 //! - `placement`: the shim's cgroup record in verbose ContainerStatus.
 //! - `cgroups`: `dockhand cgroups`, where each container sits in the cgroup tree.
 //! - `audit`: `dockhand audit propagation`.
@@ -31,7 +30,6 @@ pub mod cri_client;
 pub mod grpc;
 pub mod intercept;
 pub mod metrics;
-pub mod mountinfo;
 pub mod placement;
 pub mod propagation;
 pub mod server;

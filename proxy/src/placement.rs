@@ -4,8 +4,8 @@
 
 use std::path::PathBuf;
 
+use dockhand_host::record;
 use dockhand_protos::cri::ContainerStatusRequest;
-use dockhand_protos::record;
 use dockhand_protos::wire::{self, Edit, Op};
 
 use crate::grpc::Reply;

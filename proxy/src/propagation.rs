@@ -27,7 +27,7 @@ use tracing::Instrument;
 use crate::config::{PropagationConfig, PropagationMode};
 use crate::grpc::Reply;
 use crate::intercept::UnaryCall;
-use crate::mountinfo::{self, MountTable, WatchedMountTable};
+use dockhand_host::mountinfo::{self, MountTable, WatchedMountTable};
 
 /// Pod annotation (on the sandbox) that turns the rewrite off for that pod's containers.
 pub const OPT_OUT_ANNOTATION: &str = "dockhand.io/mount-propagation";
@@ -301,8 +301,29 @@ struct ResultLabels {
 pub struct Propagation {
     config: PropagationConfig,
     /// The rule and the host's mount table, shared with the blocking pool that decides.
-    decider: Arc<(Rule, WatchedMountTable)>,
+    decider: Arc<Decider>,
     rewrites: Family<ResultLabels, Counter>,
+}
+
+/// What deciding needs, on the blocking pool.
+struct Decider {
+    rule: Rule,
+    table: WatchedMountTable,
+    /// Mount table lines that could not be used, counted once per re-read.
+    skipped_lines: Counter,
+}
+
+impl Decider {
+    fn decide(&self, mounts: &[Mount]) -> Vec<MountDecision> {
+        decide(&self.rule, mounts, || {
+            self.table.current(|table| {
+                for skipped in table.skipped() {
+                    tracing::warn!(error = %skipped, "mount table line skipped");
+                }
+                self.skipped_lines.inc_by(table.skipped().len() as u64);
+            })
+        })
+    }
 }
 
 /// How long deciding (`lstat`/`readlink` of host paths, the mount table) may take. A host path
@@ -317,11 +338,18 @@ impl Propagation {
             "Mounts the Docker-parity propagation rule matched, by what dockhand did",
             rewrites.clone(),
         );
+        let skipped_lines = Counter::default();
+        registry.register(
+            "dockhand_mount_table_skipped_lines",
+            "Lines of the host's mount table that could not be parsed (the rest is used)",
+            skipped_lines.clone(),
+        );
         Propagation {
-            decider: Arc::new((
-                Rule::new(&config),
-                WatchedMountTable::new(Path::new(mountinfo::MOUNTINFO)),
-            )),
+            decider: Arc::new(Decider {
+                rule: Rule::new(&config),
+                table: WatchedMountTable::new(Path::new(mountinfo::MOUNTINFO)),
+                skipped_lines,
+            }),
             config,
             rewrites,
         }
@@ -367,10 +395,7 @@ impl Propagation {
     async fn decide_and_forward(&self, call: UnaryCall, request: CreateContainerRequest) -> Reply {
         let mounts = request.config.map(|c| c.mounts).unwrap_or_default();
         let decider = self.decider.clone();
-        let decided = tokio::task::spawn_blocking(move || {
-            let (rule, table) = &*decider;
-            decide(rule, &mounts, || table.current())
-        });
+        let decided = tokio::task::spawn_blocking(move || decider.decide(&mounts));
         let decisions = match tokio::time::timeout(DECIDE_TIMEOUT, decided).await {
             Ok(Ok(decisions)) => decisions,
             Ok(Err(e)) => {

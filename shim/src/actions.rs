@@ -12,7 +12,7 @@
 use std::ffi::OsString;
 use std::io::Write;
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -157,32 +157,26 @@ fn spawn_daemon(
     Ok(())
 }
 
-/// Atomically writes the bundle's `address` file (temp, fsync, rename).
+/// Atomically writes the bundle's `address` file (the current directory, which containerd made
+/// the bundle), with the one atomic write of `dockhand-host`.
 fn write_address_file(path: &Path, address: &str) -> Result<(), ActionError> {
-    let tmp = path.with_file_name(format!(".address.dockhand-{}", std::process::id()));
-    let result = (|| {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .open(&tmp)
-            .map_err(io_err("create", &tmp))?;
-        file.write_all(address.as_bytes())
-            .and_then(|()| file.sync_all())
-            .map_err(io_err("write", &tmp))?;
-        std::fs::rename(&tmp, path).map_err(io_err("rename", path))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    let dir =
+        dockhand_host::fs::open_dir(Path::new(".")).map_err(io_err("open", Path::new(".")))?;
+    let name = path.to_str().unwrap_or("address");
+    dockhand_host::fs::write_atomic_mode(
+        std::os::fd::AsFd::as_fd(&dir),
+        name,
+        address.as_bytes(),
+        0o644,
+    )
+    .map_err(io_err("write", path))
 }
 
 /// The `delete` action: the delegate's answer relayed, then the record removed.
 pub fn delete(flags: &Flags, args: &[OsString], config: &Config) -> Result<ExitCode, ActionError> {
     let status = delegate(config, args).status().map_err(run_err(config))?;
-    if status.success() && dockhand_protos::record::is_container_id(&flags.id) {
-        match dockhand_protos::record::remove(&config.record_dir, &flags.id) {
+    if status.success() && dockhand_host::id::is_container_id(&flags.id) {
+        match dockhand_host::record::remove(&config.record_dir, &flags.id) {
             Ok(()) => info!(container = %flags.id, "record removed by delete action"),
             Err(e) => warn!(container = %flags.id, error = %e, "cannot remove record"),
         }

@@ -10,7 +10,7 @@
 //!
 //! Both keys are optional. The environment variables `DOCKHAND_RECORD_DIR` and
 //! `DOCKHAND_DELEGATE` override the file (the `start` action sets them for the daemon it launches
-//! so that both agree). Defaults: [`dockhand_protos::record::DEFAULT_DIR`] and
+//! so that both agree). Defaults: [`dockhand_host::record::DEFAULT_DIR`] and
 //! `containerd-shim-runc-v2` from `PATH` (then `/usr/bin`).
 
 use std::path::{Path, PathBuf};
@@ -89,7 +89,7 @@ impl Config {
         Ok(Config {
             record_dir: record_dir
                 .or(parsed.record_dir)
-                .unwrap_or_else(|| PathBuf::from(dockhand_protos::record::DEFAULT_DIR)),
+                .unwrap_or_else(|| PathBuf::from(dockhand_host::record::DEFAULT_DIR)),
             delegate: delegate
                 .or(parsed.delegate)
                 .unwrap_or_else(default_delegate),

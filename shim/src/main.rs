@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use dockhand_protos::record::CgroupMounts;
+use dockhand_host::cgroup::CgroupMounts;
 use dockhand_shim::actions::{self, ENV_DELEGATE_ADDRESS};
 use dockhand_shim::config::Config;
 use dockhand_shim::placement::Recorder;

@@ -20,9 +20,9 @@ use containerd_shim_protos::api::{
 };
 use containerd_shim_protos::protobuf::Message;
 use containerd_shim_protos::ttrpc::{Code, Response};
-use dockhand_protos::record::{
-    self, CgroupMounts, PodRef, Record, RecordError, Source, State, RECORD_VERSION,
-};
+use dockhand_host::cgroup::{self, CgroupError, CgroupMounts};
+use dockhand_host::id::is_container_id;
+use dockhand_host::record::{self, PodRef, Record, RecordError, Source, State, RECORD_VERSION};
 use serde::Deserialize;
 use tracing::{debug, info, warn};
 
@@ -61,6 +61,8 @@ pub enum PlacementError {
     },
     #[error(transparent)]
     Record(#[from] RecordError),
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
 }
 
 /// The parts of an OCI runtime spec the record needs.
@@ -111,7 +113,7 @@ impl Recorder {
                 source,
             }
         })?;
-        if !record::is_container_id(&req.id) {
+        if !is_container_id(&req.id) {
             debug!(container = %req.id, "not a CRI container id; no record");
             return Ok(());
         }
@@ -121,11 +123,11 @@ impl Recorder {
             debug!(container = %req.id, "no linux.cgroupsPath; no record");
             return Ok(());
         };
-        let (driver, rel) = record::cgroup_rel_path(&cgroups_path)?;
+        let (driver, rel) = cgroup::cgroup_rel_path(&cgroups_path)?;
         let placement = self.mounts.expected_placement(&rel);
         let pid = (res.pid != 0).then_some(res.pid);
         let check =
-            pid.map(|pid| record::check_pid(&self.proc_root, pid, &self.mounts, &placement));
+            pid.map(|pid| cgroup::check_pid(&self.proc_root, pid, &self.mounts, &placement));
         let a = &spec.annotations;
         let pod = a.get(ANN_POD_NAME).map(|name| PodRef {
             namespace: a.get(ANN_POD_NAMESPACE).cloned().unwrap_or_default(),
@@ -143,7 +145,7 @@ impl Recorder {
             container_name: a.get(ANN_CONTAINER_NAME).cloned(),
             cgroups_path,
             driver,
-            qos_class: record::qos_class(&rel),
+            qos_class: cgroup::qos_class(&rel),
             pid,
             placement,
             check,
@@ -161,7 +163,7 @@ impl Recorder {
                 message: "request",
                 source,
             })?;
-        if !req.exec_id.is_empty() || !record::is_container_id(&req.id) {
+        if !req.exec_id.is_empty() || !is_container_id(&req.id) {
             return Ok(());
         }
         let res = StartResponse::parse_from_bytes(&response.payload).map_err(|source| {
@@ -180,7 +182,7 @@ impl Recorder {
             record.pid = Some(res.pid);
         }
         if let Some(pid) = record.pid {
-            record.check = Some(record::check_pid(
+            record.check = Some(cgroup::check_pid(
                 &self.proc_root,
                 pid,
                 &self.mounts,
@@ -200,7 +202,7 @@ impl Recorder {
                 message: "request",
                 source,
             })?;
-        if !req.exec_id.is_empty() || !record::is_container_id(&req.id) {
+        if !req.exec_id.is_empty() || !is_container_id(&req.id) {
             return Ok(());
         }
         record::remove(&self.dir, &req.id)?;
@@ -210,7 +212,7 @@ impl Recorder {
 
     /// Removes the record of `id` (the `delete` action, after a shim died).
     pub fn remove(&self, id: &str) -> Result<(), PlacementError> {
-        if record::is_container_id(id) {
+        if is_container_id(id) {
             record::remove(&self.dir, id)?;
         }
         Ok(())

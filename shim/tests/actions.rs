@@ -178,15 +178,15 @@ fn delete_relays_the_delegates_answer_and_removes_the_record_on_success() {
     let bundle = dir.path().join("bundle");
     std::fs::create_dir_all(&bundle).unwrap();
     let records = dir.path().join("records");
-    let observed = dockhand_protos::record::observe(
+    let observed = dockhand_host::cgroup::observe(
         Path::new("/proc"),
-        &dockhand_protos::record::CgroupMounts::read().unwrap(),
+        &dockhand_host::cgroup::CgroupMounts::read().unwrap(),
         ID,
         std::process::id(),
         None,
     )
     .unwrap();
-    dockhand_protos::record::write(&records, &observed).unwrap();
+    dockhand_host::record::write(&records, &observed).unwrap();
     let args = ["-namespace", "k8s.io", "-id", ID, "-bundle", "/b", "delete"];
 
     // A failing delete (status 3) is relayed and keeps the record.
@@ -197,13 +197,11 @@ fn delete_relays_the_delegates_answer_and_removes_the_record_on_success() {
         std::fs::read_to_string(dir.path().join("args-delete")).unwrap(),
         args.iter().map(|a| format!("{a}\n")).collect::<String>()
     );
-    assert!(dockhand_protos::record::read(&records, ID)
-        .unwrap()
-        .is_some());
+    assert!(dockhand_host::record::read(&records, ID).unwrap().is_some());
 
     // A successful one is relayed and removes it.
     let out = run_action(dir.path(), &bundle, &args, b"", "ok");
     assert_eq!(out.stdout, b"deleted");
     assert_eq!(out.status.code(), Some(0));
-    assert_eq!(dockhand_protos::record::read(&records, ID).unwrap(), None);
+    assert_eq!(dockhand_host::record::read(&records, ID).unwrap(), None);
 }

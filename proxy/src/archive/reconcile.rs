@@ -8,8 +8,8 @@ use std::sync::Weak;
 use dockhand_protos::cri::{ListContainersRequest, ListContainersResponse};
 use tonic::Code;
 
-use super::names::ContainerId;
 use super::{Archive, ArchiveError, Job, LIST_CONTAINERS, RECONCILE_INTERVAL};
+use dockhand_host::ContainerId;
 
 impl Archive {
     // ---- reconciliation -----------------------------------------------------------------

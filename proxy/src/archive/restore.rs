@@ -14,9 +14,9 @@ use std::path::{Path, PathBuf};
 
 use dockhand_protos::cri::{ContainerMetadata, ContainerState, ContainerStatus, ImageSpec};
 
-use super::names::ContainerId;
-use super::nofollow;
 use super::store::{Entry, Store, StoreError};
+use dockhand_host::fs as nofollow;
+use dockhand_host::ContainerId;
 
 pub const RESTORED_FILE: &str = "restored.log";
 /// kubelet's container annotation for a preStop hook; an exited container has no use for it.

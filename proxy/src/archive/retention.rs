@@ -2,7 +2,7 @@
 //! then total size, then the free-space floor, so the archive never becomes the cause of the
 //! disk pressure it exists to survive.
 
-use super::names::ContainerId;
+use dockhand_host::ContainerId;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Policy {

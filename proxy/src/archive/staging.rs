@@ -12,9 +12,9 @@ use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
 
-use super::names::{generation_file, parse_generation_file, ContainerId};
-use super::nofollow::{self, TMP_PREFIX};
 use super::store::ContainerMeta;
+use dockhand_host::fs::{self as nofollow, TMP_PREFIX};
+use dockhand_host::ContainerId;
 
 pub const RECORD_FILE: &str = "record.json";
 
@@ -413,4 +413,18 @@ impl Staging {
         ids.sort();
         Ok(ids)
     }
+}
+
+/// The staging file name of a log generation: `000001.log`.
+pub fn generation_file(generation: u32) -> String {
+    format!("{generation:06}.log")
+}
+
+/// The generation a staging file name stands for, if it is one.
+pub fn parse_generation_file(name: &str) -> Option<u32> {
+    let digits = name.strip_suffix(".log")?;
+    if digits.len() != 6 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
 }

@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::names::ContainerId;
-use super::nofollow::{self, TMP_PREFIX};
+use dockhand_host::fs::{self as nofollow, TMP_PREFIX};
+use dockhand_host::ContainerId;
 
 pub const LOG_FILE: &str = "log.zst";
 pub const META_FILE: &str = "meta.json";
@@ -89,7 +89,7 @@ pub struct ContainerMeta {
     pub log_path: String,
     /// containerd-shim-dockhand-v2's cgroup placement record, read when the log was staged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cgroup: Option<dockhand_protos::record::Record>,
+    pub cgroup: Option<dockhand_host::record::Record>,
 }
 
 impl ContainerMeta {

@@ -6,12 +6,13 @@ use dockhand_protos::cri::ContainerState;
 
 use super::cri_log;
 use super::logs_cmd;
-use super::names::{generation_file, parse_generation_file, ContainerId};
 use super::restore;
 use super::retention::{next_drop, Candidate, Policy, Reason};
+use super::staging::{generation_file, parse_generation_file};
 use super::staging::{locate, Linked, Staging, StagingError};
 use super::store::{Appended, ContainerMeta, Store};
 use crate::config::Config;
+use dockhand_host::ContainerId;
 
 const ID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
@@ -90,17 +91,31 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
 
 // ---- names ----------------------------------------------------------------------------------
 
+/// The archive names directories by container id only, with the one rule of `dockhand-host`:
+/// 64 lowercase hex digits (what containerd gives every container), so a hostile id never
+/// becomes a path.
 #[test]
 fn container_ids_are_single_safe_components() {
     assert!(ContainerId::parse(ID).is_ok());
-    assert!(ContainerId::parse("abc_1.2-3").is_ok());
     for bad in [
-        "", ".", "..", "../etc", "a/b", ".hidden", "-rf", "a*", "a?", "a[1]", "a b", "a\0b",
+        "",
+        ".",
+        "..",
+        "../etc",
+        "a/b",
+        ".hidden",
+        "-rf",
+        "a*",
+        "a?",
+        "a[1]",
+        "a b",
+        "a\0b",
+        "abc_1.2-3",
     ] {
         assert!(ContainerId::parse(bad).is_err(), "{bad:?} accepted");
     }
-    assert!(ContainerId::parse(&"a".repeat(128)).is_ok());
-    assert!(ContainerId::parse(&"a".repeat(129)).is_err());
+    assert!(ContainerId::parse(&"a".repeat(64)).is_ok());
+    assert!(ContainerId::parse(&"a".repeat(128)).is_err());
     let error = ContainerId::parse("a/b").unwrap_err().to_string();
     assert!(error.contains("a/b") && error.contains('/'), "{error}");
 }
@@ -282,10 +297,11 @@ fn a_frame_half_written_by_a_crash_is_cut_at_recovery() {
         .unwrap();
     std::fs::write(dir.path().join(ID).join(".tmp.meta.json.1.1"), "{").unwrap();
     // An entry created but never committed.
-    std::fs::create_dir_all(dir.path().join("feedface")).unwrap();
+    let uncommitted = "feedface".repeat(8);
+    std::fs::create_dir_all(dir.path().join(&uncommitted)).unwrap();
     let entries = store.recover().unwrap();
     assert_eq!(entries.len(), 1);
-    assert!(!dir.path().join("feedface").exists());
+    assert!(!dir.path().join(&uncommitted).exists());
     assert!(!dir.path().join(ID).join(".tmp.meta.json.1.1").exists());
     store
         .append_generation(&meta, 2, &mut "b F line\n".as_bytes())
@@ -381,7 +397,7 @@ fn exited_status_has_what_kubelet_requires() {
 
 fn candidate(name: &str, bytes: u64, archived_at: i64) -> Candidate {
     Candidate {
-        id: ContainerId::parse(name).unwrap(),
+        id: ContainerId::parse(&name.repeat(64)).unwrap(),
         bytes,
         archived_at,
     }
@@ -401,16 +417,22 @@ fn retention_drops_the_oldest_first() {
     ];
     assert_eq!(
         next_drop(&entries, 400, &policy, Some(50.0)),
-        Some((ContainerId::parse("a").unwrap(), Reason::MaxBytes))
+        Some((
+            ContainerId::parse(&"a".repeat(64)).unwrap(),
+            Reason::MaxBytes
+        ))
     );
     assert_eq!(next_drop(&entries[..2], 400, &policy, Some(50.0)), None);
     assert_eq!(
         next_drop(&entries[..2], 1150 * 1_000_000_000, &policy, Some(50.0)),
-        Some((ContainerId::parse("a").unwrap(), Reason::MaxAge))
+        Some((ContainerId::parse(&"a".repeat(64)).unwrap(), Reason::MaxAge))
     );
     assert_eq!(
         next_drop(&entries[..2], 400, &policy, Some(5.0)),
-        Some((ContainerId::parse("a").unwrap(), Reason::MinFree))
+        Some((
+            ContainerId::parse(&"a".repeat(64)).unwrap(),
+            Reason::MinFree
+        ))
     );
     assert_eq!(next_drop(&[], 400, &policy, Some(0.0)), None);
 }

@@ -6,13 +6,13 @@ use std::path::Path;
 use std::sync::mpsc;
 use std::sync::Weak;
 
-use super::names::ContainerId;
 use super::retention::{self, Candidate, Policy};
 use super::store::{self, Appended, ContainerMeta, Entry};
 use super::{
-    nofollow, restore, Archive, ArchiveError, Job, ReasonLabels, PAUSE_ENV, RESTORED_TTL,
-    RETENTION_INTERVAL,
+    restore, Archive, ArchiveError, Job, ReasonLabels, PAUSE_ENV, RESTORED_TTL, RETENTION_INTERVAL,
 };
+use dockhand_host::fs as nofollow;
+use dockhand_host::ContainerId;
 
 impl Archive {
     // ---- the worker's jobs --------------------------------------------------------------

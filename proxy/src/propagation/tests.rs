@@ -27,7 +27,9 @@ fn config() -> PropagationConfig {
 }
 
 fn decide_with(config: &PropagationConfig, mounts: &[Mount], table: &str) -> Vec<MountDecision> {
-    decide(&Rule::new(config), mounts, || MountTable::parse(table))
+    decide(&Rule::new(config), mounts, || {
+        Ok::<_, std::convert::Infallible>(MountTable::parse(table))
+    })
 }
 
 #[test]

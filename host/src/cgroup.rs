@@ -1,206 +1,70 @@
-//! The cgroup placement record: where a container sits in the cgroup tree.
-//!
-//! dockhand's shim writes one record per container to `<dir>/<container id>.json`
-//! (default [`DEFAULT_DIR`]) when the task is created, completes it when the task starts and
-//! removes it when the task is deleted. The proxy and the `dockhand cgroups` command read the same
-//! type. For containers created before the shim was installed, [`observe`] builds the same
-//! placement from a pid's `/proc/<pid>/cgroup` (such records say [`Source::Proc`]).
+//! Where a container sits in the cgroup tree.
 //!
 //! The path rules are containerd's and runc's: a `cgroupsPath` of the form
 //! `<slice>:<prefix>:<name>` is the systemd driver (expanded to
 //! `/<a>.slice/<a-b>.slice/.../<prefix>-<name>.scope`), anything else is a cgroupfs path taken
 //! as-is. On cgroup v1 (hybrid included, as containerd does) the path lies under every controller
-//! mount; on v2 under the single `cgroup2` mount.
+//! mount; on v2 under the single `cgroup2` mount. The mounts come from the one mount table parser
+//! ([`crate::mountinfo`]); a process's membership from `/proc/<pid>/cgroup`.
+//!
+//! Why not `cgroups-rs`: it manages cgroups (creates them, sets limits) through its own view of
+//! the hierarchy; dockhand only reads where a process is and compares that with containerd's
+//! rules, which is these few functions, and the crate brings no parser for runc's systemd
+//! expansion.
 
-use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::fs;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+use crate::mountinfo::{MountInfoError, MountTable};
+use crate::record::{
+    Check, Driver, Mismatch, Placement, QosClass, Record, Source, State, RECORD_VERSION,
+};
 
-/// The record format version this code writes and reads.
-pub const RECORD_VERSION: u32 = 1;
-/// Where the shim writes records unless configured otherwise.
-pub const DEFAULT_DIR: &str = "/run/dockhand/cgroups";
-
-/// Errors reading, writing or deriving records.
+/// Errors deriving a placement.
 #[derive(Debug, thiserror::Error)]
-pub enum RecordError {
-    #[error("invalid container id {id:?}: expected 64 lowercase hex digits")]
-    InvalidId { id: String },
-    #[error("{path} is a symlink or not a regular file; refusing to use it")]
-    NotRegular { path: PathBuf },
-    #[error("{path} is a symlink or not a directory; refusing to use it")]
-    NotDirectory { path: PathBuf },
-    #[error("{op} {path}: {source}")]
-    Io {
-        op: &'static str,
+pub enum CgroupError {
+    #[error("invalid cgroupsPath {path:?}: {reason}")]
+    CgroupsPath { path: String, reason: &'static str },
+    #[error(transparent)]
+    MountTable(#[from] MountInfoError),
+    #[error("read {path}: {source}")]
+    ReadProc {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("decode record {path}: {source}")]
-    Decode {
-        path: PathBuf,
-        #[source]
-        source: serde_json::Error,
-    },
-    #[error("record {path} has version {found}, this dockhand reads version {RECORD_VERSION}")]
-    Version { path: PathBuf, found: u32 },
-    #[error("invalid cgroupsPath {path:?}: {reason}")]
-    CgroupsPath { path: String, reason: &'static str },
 }
 
-fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> RecordError {
-    let path = path.to_path_buf();
-    move |source| RecordError::Io { op, path, source }
-}
-
-/// Who produced a record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Source {
-    /// Written by dockhand's shim at Create/Start.
-    Shim,
-    /// Derived after the fact from the CRI status pid and `/proc/<pid>/cgroup` (container created
-    /// before the shim was installed).
-    Proc,
-}
-
-/// How far the task has come when the record was last written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum State {
-    Created,
-    Started,
-}
-
-/// The cgroup driver a `cgroupsPath` implies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Driver {
-    Systemd,
-    Cgroupfs,
-}
-
-/// The Kubernetes QoS class a kubelet cgroup path implies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum QosClass {
-    Guaranteed,
-    Burstable,
-    BestEffort,
-}
-
-/// The pod a container belongs to, from the CRI annotations of its bundle.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct PodRef {
-    pub namespace: String,
-    pub name: String,
-    pub uid: String,
-}
-
-/// The resolved absolute cgroup directories.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "version", rename_all = "lowercase")]
-pub enum Placement {
-    /// cgroup v1 (and hybrid): one directory per controller hierarchy, keyed by the hierarchy's
-    /// controllers as `/proc/<pid>/cgroup` lists them (`memory`, `cpu,cpuacct`, ...).
-    V1 {
-        controllers: BTreeMap<String, PathBuf>,
-    },
-    /// cgroup v2: the single directory.
-    V2 { path: PathBuf },
-}
-
-impl Placement {
-    /// Every directory of the placement, keyed as in the record (`""` for v2).
-    pub fn dirs(&self) -> Vec<(&str, &Path)> {
-        match self {
-            Placement::V1 { controllers } => controllers
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_path()))
-                .collect(),
-            Placement::V2 { path } => vec![("", path.as_path())],
-        }
-    }
-}
-
-/// One hierarchy where the process is not where its `cgroupsPath` says.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Mismatch {
-    /// Controller list (`""` for v2).
-    pub controllers: String,
-    /// Path inside the hierarchy that `cgroupsPath` implies (`None`: the hierarchy is unknown).
-    pub expected: Option<String>,
-    /// Path `/proc/<pid>/cgroup` shows (`None`: the process is not in that hierarchy).
-    pub actual: Option<String>,
-}
-
-/// The result of checking the expected placement against `/proc/<pid>/cgroup`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Check {
-    /// The pid whose `/proc/<pid>/cgroup` was read.
-    pub pid: u32,
-    /// True when every hierarchy matches and every directory exists.
-    pub matches: bool,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub mismatches: Vec<Mismatch>,
-    /// Resolved directories that do not exist.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub missing: Vec<PathBuf>,
-    /// Set when `/proc/<pid>/cgroup` could not be read (process gone, permissions).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
-
-/// A container's cgroup placement.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Record {
-    pub version: u32,
-    pub source: Source,
-    pub state: State,
-    pub container_id: String,
-    /// `io.kubernetes.cri.sandbox-id` (the pod sandbox's id; equal to `container_id` for it).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sandbox_id: Option<String>,
-    /// `io.kubernetes.cri.container-type`: `sandbox` or `container`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub container_type: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pod: Option<PodRef>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub container_name: Option<String>,
-    /// `linux.cgroupsPath` of the runtime spec, as given.
-    pub cgroups_path: String,
-    pub driver: Driver,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub qos_class: Option<QosClass>,
-    /// The task's init pid (host pid namespace).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pid: Option<u32>,
-    /// Absolute directories the `cgroupsPath` resolves to on this host.
-    pub placement: Placement,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub check: Option<Check>,
-}
-
-// ---------------------------------------------------------------------------------------------
-// Path rules
+/// The cgroup v1 controllers the kernel has (`include/linux/cgroup_subsys.h`; `blkio` is v1's
+/// name of `io`). A v1 mount's super options name its controllers among ordinary options
+/// (`rw`, `xattr`, `clone_children`, `noprefix`, `release_agent=`, `favordynmods`...), so only
+/// these, and named hierarchies (`name=systemd`), count as the hierarchy's controllers.
+pub const V1_CONTROLLERS: &[&str] = &[
+    "cpuset",
+    "cpu",
+    "cpuacct",
+    "blkio",
+    "io",
+    "memory",
+    "devices",
+    "freezer",
+    "net_cls",
+    "perf_event",
+    "net_prio",
+    "hugetlb",
+    "pids",
+    "rdma",
+    "misc",
+    "debug",
+];
 
 /// The cgroup driver and the path inside each hierarchy that a `cgroupsPath` means.
 ///
 /// systemd (`slice:prefix:name`): runc's expansion, `a-b-c.slice` → `/a.slice/a-b.slice/a-b-c.slice`,
 /// the unit `<prefix>-<name>.scope` (or `<name>` itself when it ends in `.slice`); an empty slice
 /// is `system.slice`. cgroupfs: the path as given (containerd and kubelet pass absolute paths).
-pub fn cgroup_rel_path(cgroups_path: &str) -> Result<(Driver, String), RecordError> {
-    let bad = |reason| RecordError::CgroupsPath {
+pub fn cgroup_rel_path(cgroups_path: &str) -> Result<(Driver, String), CgroupError> {
+    let bad = |reason| CgroupError::CgroupsPath {
         path: cgroups_path.to_string(),
         reason,
     };
@@ -308,23 +172,16 @@ pub struct CgroupMounts {
 }
 
 impl CgroupMounts {
-    /// Parses mountinfo text (`/proc/self/mountinfo`).
-    pub fn parse(mountinfo: &str) -> CgroupMounts {
+    /// The cgroup mounts of a mount table.
+    pub fn from_table(table: &MountTable) -> CgroupMounts {
         let mut mounts = CgroupMounts::default();
-        for line in mountinfo.lines() {
-            let Some((pre, post)) = line.split_once(" - ") else {
-                continue;
-            };
-            let pre: Vec<&str> = pre.split(' ').collect();
-            let post: Vec<&str> = post.split(' ').collect();
-            if pre.len() < 5 || post.len() < 3 {
-                continue;
-            }
-            let root = unescape(pre[3]);
-            let mount_point = PathBuf::from(unescape(pre[4]));
-            match post[0] {
+        for entry in table.entries() {
+            let root = entry.root.to_string_lossy().into_owned();
+            let mount_point = entry.mount_point.clone();
+            match entry.fs_type.as_str() {
                 "cgroup" => {
-                    let controllers = post[2]
+                    let controllers = entry
+                        .super_options
                         .split(',')
                         .filter(|o| is_controller_option(o))
                         .map(str::to_string)
@@ -344,11 +201,14 @@ impl CgroupMounts {
         mounts
     }
 
+    /// Parses mountinfo text (`/proc/self/mountinfo`).
+    pub fn parse(mountinfo: &str) -> CgroupMounts {
+        CgroupMounts::from_table(&MountTable::parse(mountinfo))
+    }
+
     /// Reads `/proc/self/mountinfo`.
-    pub fn read() -> Result<CgroupMounts, RecordError> {
-        let path = Path::new("/proc/self/mountinfo");
-        let text = fs::read_to_string(path).map_err(io_err("read", path))?;
-        Ok(CgroupMounts::parse(&text))
+    pub fn read() -> Result<CgroupMounts, CgroupError> {
+        Ok(CgroupMounts::from_table(&MountTable::read()?))
     }
 
     /// True when containerd would treat the host as cgroup v1 (any v1 controller mounted; hybrid
@@ -390,20 +250,7 @@ impl V1Mount {
 }
 
 fn is_controller_option(option: &str) -> bool {
-    const NOT_CONTROLLERS: &[&str] = &["rw", "ro", "relatime", "noexec", "nosuid", "nodev"];
-    if option.starts_with("name=") {
-        return true;
-    }
-    !option.contains('=') && !NOT_CONTROLLERS.contains(&option) && option != "xattr"
-}
-
-/// mountinfo escapes space, tab, newline and backslash as octal.
-fn unescape(field: &str) -> String {
-    field
-        .replace("\\040", " ")
-        .replace("\\011", "\t")
-        .replace("\\012", "\n")
-        .replace("\\134", "\\")
+    option.starts_with("name=") || V1_CONTROLLERS.contains(&option)
 }
 
 /// `mount_point` + (`path` relative to the mounted `root`).
@@ -554,9 +401,10 @@ pub fn observe(
     container_id: &str,
     pid: u32,
     cgroups_path: Option<&str>,
-) -> Result<Record, RecordError> {
+) -> Result<Record, CgroupError> {
     let path = proc_root.join(pid.to_string()).join("cgroup");
-    let text = fs::read_to_string(&path).map_err(io_err("read", &path))?;
+    let text =
+        fs::read_to_string(&path).map_err(|source| CgroupError::ReadProc { path, source })?;
     let entries = parse_proc_cgroup(&text);
     let actual = actual_placement(mounts, &entries);
     let (driver, rel, given) = match cgroups_path.map(cgroup_rel_path) {
@@ -586,162 +434,6 @@ pub fn observe(
         placement: actual,
         check,
     })
-}
-
-// ---------------------------------------------------------------------------------------------
-// Files
-
-/// True for what containerd uses as container ids everywhere in CRI: 64 lowercase hex digits.
-pub fn is_container_id(id: &str) -> bool {
-    id.len() == 64 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-}
-
-fn record_path(dir: &Path, id: &str) -> Result<PathBuf, RecordError> {
-    if !is_container_id(id) {
-        return Err(RecordError::InvalidId { id: id.to_string() });
-    }
-    Ok(dir.join(format!("{id}.json")))
-}
-
-/// Reads the record of container `id` from `dir`. `Ok(None)` when there is none. Refuses ids that
-/// are not 64 hex digits and records that are symlinks or not regular files.
-pub fn read(dir: &Path, id: &str) -> Result<Option<Record>, RecordError> {
-    let path = record_path(dir, id)?;
-    read_path(&path)
-}
-
-fn read_path(path: &Path) -> Result<Option<Record>, RecordError> {
-    let meta = match fs::symlink_metadata(path) {
-        Ok(meta) => meta,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io_err("stat", path)(e)),
-    };
-    if !meta.file_type().is_file() {
-        return Err(RecordError::NotRegular {
-            path: path.to_path_buf(),
-        });
-    }
-    let mut file = match File::open(path) {
-        Ok(file) => file,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io_err("open", path)(e)),
-    };
-    // The path may have been swapped for a symlink between the stat and the open: the file we
-    // opened must be the one we looked at.
-    let opened = file.metadata().map_err(io_err("stat", path))?;
-    if opened.dev() != meta.dev() || opened.ino() != meta.ino() || !opened.is_file() {
-        return Err(RecordError::NotRegular {
-            path: path.to_path_buf(),
-        });
-    }
-    let mut text = Vec::new();
-    file.read_to_end(&mut text).map_err(io_err("read", path))?;
-    #[derive(Deserialize)]
-    struct Versioned {
-        version: u32,
-    }
-    let v: Versioned = serde_json::from_slice(&text).map_err(|source| RecordError::Decode {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    if v.version != RECORD_VERSION {
-        return Err(RecordError::Version {
-            path: path.to_path_buf(),
-            found: v.version,
-        });
-    }
-    serde_json::from_slice(&text)
-        .map(Some)
-        .map_err(|source| RecordError::Decode {
-            path: path.to_path_buf(),
-            source,
-        })
-}
-
-/// Every record in `dir` (files named `<64 hex>.json`); unreadable ones are returned as errors
-/// next to the good ones.
-pub fn list(dir: &Path) -> Result<Vec<Result<Record, RecordError>>, RecordError> {
-    let entries = match fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(io_err("list", dir)(e)),
-    };
-    let mut out = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(io_err("list", dir))?;
-        let name = entry.file_name();
-        let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
-            continue;
-        };
-        if !is_container_id(id) {
-            continue;
-        }
-        match read(dir, id) {
-            Ok(Some(record)) => out.push(Ok(record)),
-            Ok(None) => {}
-            Err(e) => out.push(Err(e)),
-        }
-    }
-    Ok(out)
-}
-
-/// Creates `dir` (and parents) if missing; refuses a `dir` that is a symlink.
-fn ensure_dir(dir: &Path) -> Result<(), RecordError> {
-    match fs::symlink_metadata(dir) {
-        Ok(meta) if meta.file_type().is_dir() => Ok(()),
-        Ok(_) => Err(RecordError::NotDirectory {
-            path: dir.to_path_buf(),
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            fs::create_dir_all(dir).map_err(io_err("create", dir))
-        }
-        Err(e) => Err(io_err("stat", dir)(e)),
-    }
-}
-
-/// Writes `record` to `<dir>/<id>.json` atomically: a temp file in `dir` (created exclusively,
-/// never through a symlink), fsync, rename over the old record, fsync the directory.
-pub fn write(dir: &Path, record: &Record) -> Result<PathBuf, RecordError> {
-    let path = record_path(dir, &record.container_id)?;
-    ensure_dir(dir)?;
-    let tmp = dir.join(format!(
-        ".{}.json.tmp-{}",
-        record.container_id,
-        std::process::id()
-    ));
-    let body = serde_json::to_vec_pretty(record).map_err(|source| RecordError::Decode {
-        path: path.clone(),
-        source,
-    })?;
-    let result = (|| {
-        // create_new: O_CREAT|O_EXCL, which never follows a symlink at the last component.
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .open(&tmp)
-            .map_err(io_err("create", &tmp))?;
-        file.write_all(&body).map_err(io_err("write", &tmp))?;
-        file.sync_all().map_err(io_err("fsync", &tmp))?;
-        fs::rename(&tmp, &path).map_err(io_err("rename", &path))?;
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err("fsync", dir))
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result.map(|()| path)
-}
-
-/// Removes the record of container `id`; a missing record is not an error.
-pub fn remove(dir: &Path, id: &str) -> Result<(), RecordError> {
-    let path = record_path(dir, id)?;
-    match fs::remove_file(&path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io_err("remove", &path)(e)),
-    }
 }
 
 #[cfg(test)]
@@ -944,90 +636,5 @@ mod tests {
         assert_eq!(observed.placement, expected);
         assert_eq!(observed.qos_class, Some(QosClass::Burstable));
         fs::remove_dir_all(&root).unwrap();
-    }
-
-    fn sample(id: &str) -> Record {
-        Record {
-            version: RECORD_VERSION,
-            source: Source::Shim,
-            state: State::Created,
-            container_id: id.to_string(),
-            sandbox_id: Some(id.to_string()),
-            container_type: Some("sandbox".into()),
-            pod: Some(PodRef {
-                namespace: "default".into(),
-                name: "web".into(),
-                uid: "u".into(),
-            }),
-            container_name: None,
-            cgroups_path: format!("/kubepods/podu/{id}"),
-            driver: Driver::Cgroupfs,
-            qos_class: Some(QosClass::Guaranteed),
-            pid: Some(1),
-            placement: Placement::V2 {
-                path: PathBuf::from("/sys/fs/cgroup/kubepods/podu"),
-            },
-            check: None,
-        }
-    }
-
-    #[test]
-    fn records_round_trip_atomically_and_refuse_bad_ids_and_symlinks() {
-        let dir = fixture_dir("files").join("records");
-        let record = sample(ID);
-        let path = write(&dir, &record).unwrap();
-        assert_eq!(path, dir.join(format!("{ID}.json")));
-        assert_eq!(read(&dir, ID).unwrap(), Some(record.clone()));
-        let names: Vec<_> = fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(names.len(), 1, "no temp file left: {names:?}");
-        let json: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
-        assert_eq!(json["version"], 1);
-        assert_eq!(json["placement"]["version"], "v2");
-        assert_eq!(json["cgroupsPath"], format!("/kubepods/podu/{ID}"));
-
-        for bad in ["../x", "ABC", &ID[..63], &format!("{}G", &ID[..63])] {
-            assert!(matches!(
-                read(&dir, bad),
-                Err(RecordError::InvalidId { .. })
-            ));
-            assert!(matches!(
-                remove(&dir, bad),
-                Err(RecordError::InvalidId { .. })
-            ));
-        }
-
-        let other = ID.replace('0', "f");
-        assert_eq!(read(&dir, &other).unwrap(), None);
-        std::os::unix::fs::symlink(&path, dir.join(format!("{other}.json"))).unwrap();
-        assert!(matches!(
-            read(&dir, &other),
-            Err(RecordError::NotRegular { .. })
-        ));
-        assert_eq!(
-            list(&dir).unwrap().len(),
-            2,
-            "one record, one refused symlink"
-        );
-
-        remove(&dir, ID).unwrap();
-        remove(&dir, ID).unwrap();
-        assert_eq!(read(&dir, ID).unwrap(), None);
-
-        let link_dir = dir.parent().unwrap().join("link");
-        std::os::unix::fs::symlink(&dir, &link_dir).unwrap();
-        assert!(matches!(
-            write(&link_dir, &record),
-            Err(RecordError::NotDirectory { .. })
-        ));
-
-        fs::write(dir.join(format!("{ID}.json")), br#"{"version": 9}"#).unwrap();
-        assert!(matches!(
-            read(&dir, ID),
-            Err(RecordError::Version { found: 9, .. })
-        ));
-        fs::remove_dir_all(dir.parent().unwrap()).unwrap();
     }
 }

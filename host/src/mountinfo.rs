@@ -11,6 +11,17 @@
 //! SUPER_OPTIONS`, space separated. The kernel escapes space, tab, newline and backslash in
 //! paths as octal (`\040`, `\011`, `\012`, `\134`); they are decoded here. Paths are bytes
 //! (Linux does not require UTF-8), so the table is parsed from bytes.
+//!
+//! The root field is not always a path: a bind mount of a namespace file (containerd's
+//! `/run/netns/cni-*`, Docker's `/run/docker/netns/*`, on every node with a pod that has its own
+//! network) shows `net:[4026532184]`, and other pseudo filesystems write what their `show_path`
+//! gives. Such lines are kept as they are. A line dockhand cannot use at all is skipped and
+//! reported in [`MountTable::skipped`], never a reason to give up the whole table: one odd mount
+//! must not switch off every decision that needs the others.
+//!
+//! Why not the `procfs` crate: its `MountInfo` parses the same fields, but it fails the whole
+//! table on a line it cannot parse, decodes paths as UTF-8 strings, and brings a dependency tree
+//! several times the size of this file for one file format.
 
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStringExt;
@@ -62,18 +73,23 @@ pub enum MountInfoError {
         #[source]
         source: std::io::Error,
     },
-    #[error("mount table line {line}: {reason}: {text:?}")]
-    Malformed {
-        line: usize,
-        reason: &'static str,
-        text: String,
-    },
+}
+
+/// A line of the table that could not be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("mount table line {line}: {reason}: {text:?}")]
+pub struct SkippedLine {
+    /// 1-based line number.
+    pub line: usize,
+    pub reason: &'static str,
+    pub text: String,
 }
 
 /// The mount table, in the kernel's order.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MountTable {
     entries: Vec<MountEntry>,
+    skipped: Vec<SkippedLine>,
 }
 
 impl MountTable {
@@ -82,35 +98,48 @@ impl MountTable {
         MountTable::read_from(Path::new(MOUNTINFO))
     }
 
-    /// Reads a mount table in mountinfo format from `path`.
+    /// Reads a mount table in mountinfo format from `path` (`/proc/<pid>/mountinfo`).
     pub fn read_from(path: &Path) -> Result<MountTable, MountInfoError> {
         let bytes = std::fs::read(path).map_err(|source| MountInfoError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        MountTable::parse_bytes(&bytes)
+        Ok(MountTable::parse_bytes(&bytes))
     }
 
-    /// Parses mountinfo text. Empty lines are skipped; any other line that does not parse is
-    /// an error naming its (1-based) line number.
-    pub fn parse(text: &str) -> Result<MountTable, MountInfoError> {
+    /// Parses mountinfo text. Empty lines are ignored; a line that does not parse is skipped
+    /// and listed in [`MountTable::skipped`] with its (1-based) line number.
+    pub fn parse(text: &str) -> MountTable {
         MountTable::parse_bytes(text.as_bytes())
     }
 
     /// Parses mountinfo bytes; paths need not be UTF-8.
-    pub fn parse_bytes(bytes: &[u8]) -> Result<MountTable, MountInfoError> {
-        let entries = bytes
-            .split(|b| *b == b'\n')
-            .enumerate()
-            .filter(|(_, line)| !line.is_empty())
-            .map(|(i, line)| parse_line(line, i + 1))
-            .collect::<Result<_, _>>()?;
-        Ok(MountTable { entries })
+    pub fn parse_bytes(bytes: &[u8]) -> MountTable {
+        let mut table = MountTable::default();
+        for (i, line) in bytes.split(|b| *b == b'\n').enumerate() {
+            if line.is_empty() {
+                continue;
+            }
+            match parse_line(line) {
+                Ok(entry) => table.entries.push(entry),
+                Err(reason) => table.skipped.push(SkippedLine {
+                    line: i + 1,
+                    reason,
+                    text: String::from_utf8_lossy(line).into_owned(),
+                }),
+            }
+        }
+        table
     }
 
     /// All entries, in the kernel's order.
     pub fn entries(&self) -> &[MountEntry] {
         &self.entries
+    }
+
+    /// The lines that could not be used, in order.
+    pub fn skipped(&self) -> &[SkippedLine] {
+        &self.skipped
     }
 
     /// The mount that contains `path`: the one whose mount point is the longest prefix of it,
@@ -158,15 +187,12 @@ impl MountTable {
     }
 }
 
-fn parse_line(line: &[u8], number: usize) -> Result<MountEntry, MountInfoError> {
-    let malformed = |reason: &'static str| MountInfoError::Malformed {
-        line: number,
-        reason,
-        text: String::from_utf8_lossy(line).into_owned(),
-    };
+/// One line, or why it cannot be used.
+fn parse_line(line: &[u8]) -> Result<MountEntry, &'static str> {
+    let malformed = |reason: &'static str| reason;
     let fields: Vec<&[u8]> = line.split(|b| *b == b' ').collect();
-    // Mount points and roots are absolute, options never "-": the first "-" from the seventh
-    // field on is the separator.
+    // Mount points are absolute, options never "-": the first "-" from the seventh field on
+    // is the separator.
     let separator = fields
         .iter()
         .skip(6)
@@ -192,9 +218,11 @@ fn parse_line(line: &[u8], number: usize) -> Result<MountEntry, MountInfoError> 
         ),
         None => return Err(malformed("device is not major:minor")),
     };
+    // The root is what the filesystem's show_path writes: a path for most, `net:[4026532184]`
+    // for an nsfs bind mount. Kept as given; only the mount point must be a path.
     let (root, mount_point) = (unescape(fields[3]), unescape(fields[4]));
-    if !root.starts_with(b"/") || !mount_point.starts_with(b"/") {
-        return Err(malformed("root or mount point is not an absolute path"));
+    if !mount_point.starts_with(b"/") {
+        return Err(malformed("mount point is not an absolute path"));
     }
 
     let (mut shared_group, mut master_group) = (None, None);
@@ -277,8 +305,12 @@ impl WatchedMountTable {
         }
     }
 
-    /// The table as it is now.
-    pub fn current(&self) -> Result<std::sync::Arc<MountTable>, MountInfoError> {
+    /// The table as it is now. `on_reread` sees the table each time it is read afresh (to
+    /// report its skipped lines once per change, not once per use).
+    pub fn current(
+        &self,
+        on_reread: impl FnOnce(&MountTable),
+    ) -> Result<std::sync::Arc<MountTable>, MountInfoError> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((file, table)) = state.as_ref() {
             if !changed(file) {
@@ -294,7 +326,8 @@ impl WatchedMountTable {
         let mut file = std::fs::File::open(&self.path).map_err(read_error)?;
         let mut bytes = Vec::new();
         std::io::Read::read_to_end(&mut file, &mut bytes).map_err(read_error)?;
-        let table = std::sync::Arc::new(MountTable::parse_bytes(&bytes)?);
+        let table = std::sync::Arc::new(MountTable::parse_bytes(&bytes));
+        on_reread(&table);
         *state = Some((file, table.clone()));
         Ok(table)
     }
@@ -339,7 +372,7 @@ mod tests {
 ";
 
     fn table() -> MountTable {
-        MountTable::parse(TABLE).unwrap()
+        MountTable::parse(TABLE)
     }
 
     fn at<'t>(table: &'t MountTable, path: &str) -> &'t MountEntry {
@@ -454,7 +487,7 @@ mod tests {
 
     #[test]
     fn optional_fields_may_be_absent_and_source_empty() {
-        let table = MountTable::parse("40 22 0:50 / /mnt rw - tmpfs  rw\n\n").unwrap();
+        let table = MountTable::parse("40 22 0:50 / /mnt rw - tmpfs  rw\n\n");
         let entry = &table.entries()[0];
         assert_eq!(entry.propagation, Propagation::Private);
         assert_eq!(entry.source, "");
@@ -463,14 +496,13 @@ mod tests {
 
     #[test]
     fn paths_need_not_be_utf8() {
-        let table =
-            MountTable::parse_bytes(b"40 22 0:50 / /mnt/\xff rw shared:4 - tmpfs x rw\n").unwrap();
+        let table = MountTable::parse_bytes(b"40 22 0:50 / /mnt/\xff rw shared:4 - tmpfs x rw\n");
         let path = PathBuf::from(OsString::from_vec(b"/mnt/\xff/a".to_vec()));
         assert_eq!(table.containing(&path).unwrap().mount_id, 40);
     }
 
     #[test]
-    fn malformed_lines_name_their_line_number() {
+    fn malformed_lines_are_skipped_with_their_line_number() {
         let cases: [(&str, &str); 8] = [
             (
                 "22 1 253:1 / / rw shared:1 ext4 /dev/vda1 rw",
@@ -491,16 +523,56 @@ mod tests {
             ("22 1 253:1 / / - ext4 /dev/vda1 rw", "separator"),
         ];
         for (line, reason) in cases {
-            let text = format!("{}{line}\n", TABLE);
-            let err = MountTable::parse(&text).unwrap_err();
-            let MountInfoError::Malformed { line: n, .. } = &err else {
-                panic!("{err}");
+            // The bad line sits between good ones: every good line is still there.
+            let text = format!("{TABLE}{line}\n40 22 0:50 / /late rw shared:9 - tmpfs t rw\n");
+            let table = MountTable::parse(&text);
+            assert_eq!(table.entries().len(), 14, "{line}");
+            assert_eq!(table.entries()[13].mount_point, Path::new("/late"));
+            let [skipped] = table.skipped() else {
+                panic!("{line}: {:?}", table.skipped());
             };
-            assert_eq!(*n, 14, "{line}");
-            let message = err.to_string();
+            assert_eq!(skipped.line, 14, "{line}");
+            let message = skipped.to_string();
             assert!(message.starts_with("mount table line 14: "), "{message}");
             assert!(message.contains(reason), "{message} lacks {reason}");
         }
+    }
+
+    /// What every node with a CNI pod has: containerd's network namespace files bind-mounted
+    /// under /run/netns, whose root is `net:[inode]`, not a path.
+    #[test]
+    fn nsfs_lines_are_kept_and_the_rest_of_the_table_is_used() {
+        let text = format!(
+            "{TABLE}63 27 0:4 net:[4026532184] /run/netns/cni-e1ac7f8a-0c3b-5d31-9b35-6a1f1c7e1d2a rw shared:5 - nsfs nsfs rw\n"
+        );
+        let table = MountTable::parse(&text);
+        assert!(table.skipped().is_empty(), "{:?}", table.skipped());
+        assert_eq!(table.entries().len(), 14);
+        let netns = at(
+            &table,
+            "/run/netns/cni-e1ac7f8a-0c3b-5d31-9b35-6a1f1c7e1d2a",
+        );
+        assert_eq!(netns.root, Path::new("net:[4026532184]"));
+        assert_eq!(netns.fs_type, "nsfs");
+        assert_eq!(at(&table, "/").propagation, Propagation::Shared);
+        assert_eq!(at(&table, "/var/lib/docker").mount_id, 30);
+    }
+
+    #[test]
+    fn the_watched_table_is_reread_only_after_a_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mountinfo");
+        std::fs::write(&path, TABLE).unwrap();
+        let watched = WatchedMountTable::new(&path);
+        let mut rereads = 0;
+        let first = watched.current(|_| rereads += 1).unwrap();
+        assert_eq!(first.entries().len(), 13);
+        // A regular file always polls as readable, never PRI/ERR: it counts as unchanged, so the
+        // cached table is served even though the file now differs.
+        std::fs::write(&path, "40 22 0:50 / / rw - tmpfs t rw\n").unwrap();
+        let second = watched.current(|_| rereads += 1).unwrap();
+        assert!(std::sync::Arc::ptr_eq(&first, &second));
+        assert_eq!(rereads, 1);
     }
 
     #[test]
@@ -512,6 +584,7 @@ mod tests {
     #[test]
     fn reads_this_process_mount_table() {
         let table = MountTable::read().unwrap();
+        assert!(table.skipped().is_empty(), "{:?}", table.skipped());
         assert!(table.containing(Path::new("/")).is_some());
     }
 }

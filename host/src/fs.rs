@@ -1,7 +1,14 @@
 //! File operations that never follow a symlink: every directory below a configured root is
 //! opened relative to its parent with `O_NOFOLLOW | O_DIRECTORY`, files with `O_NOFOLLOW`, and
 //! links are made with `linkat` (which links a symlink itself, never its target). Writes that
-//! must survive a crash go through `write_atomic` (temp file, fsync, rename, fsync directory).
+//! must survive a crash go through [`write_atomic`], the one atomic write of dockhand's (temp
+//! file created exclusively, fsync, rename, fsync directory): the archive, the shim's records
+//! and the shim's `address` file all use it.
+//!
+//! Why component by component and not `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`: the
+//! callers walk at most two levels below a directory they already hold open, where `openat`
+//! with `O_NOFOLLOW` gives the same guarantee on every kernel; `openat2` needs Linux 5.6, and
+//! nodes migrating off Docker still run older enterprise kernels.
 
 use std::ffi::OsStr;
 use std::fs::File;
@@ -13,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags};
 
-/// Prefix of every temporary file the archive writes; start-up removes leftovers.
+/// Prefix of every temporary file [`write_atomic`] writes; owners remove leftovers at start-up.
 pub const TMP_PREFIX: &str = ".tmp.";
 
 const DIR_FLAGS: OFlags = OFlags::RDONLY
@@ -32,10 +39,16 @@ pub fn open_dir(path: &Path) -> io::Result<OwnedFd> {
 
 /// Creates a configured directory (and its parents, mode 0700) when missing, then opens it.
 pub fn create_dir(path: &Path) -> io::Result<OwnedFd> {
+    create_dir_mode(path, 0o700)
+}
+
+/// Creates a configured directory (and its parents, `mode`) when missing, then opens it; its
+/// last component must not be a symlink.
+pub fn create_dir_mode(path: &Path, mode: u32) -> io::Result<OwnedFd> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .recursive(true)
-        .mode(0o700)
+        .mode(mode)
         .create(path)?;
     open_dir(path)
 }
@@ -107,14 +120,27 @@ pub fn open_write(dir: BorrowedFd<'_>, name: &str) -> io::Result<File> {
     Ok(file)
 }
 
-/// Writes `data` to `name` inside `dir` so that a crash leaves either the old or the new content.
+/// Writes `data` to `name` inside `dir` (mode 0600) so that a crash leaves either the old or the
+/// new content.
 pub fn write_atomic(dir: BorrowedFd<'_>, name: &str, data: &[u8]) -> io::Result<()> {
+    write_atomic_mode(dir, name, data, 0o600)
+}
+
+/// [`write_atomic`] with the new file's mode.
+pub fn write_atomic_mode(
+    dir: BorrowedFd<'_>,
+    name: &str,
+    data: &[u8],
+    mode: u32,
+) -> io::Result<()> {
+    check_component(OsStr::new(name))?;
     let tmp = temp_name(name);
+    // O_EXCL: never through a symlink or over a file someone else made.
     let fd = rfs::openat(
         dir,
         tmp.as_str(),
         OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::from_raw_mode(0o600),
+        Mode::from_raw_mode(mode),
     )
     .map_err(io)?;
     let mut file = File::from(fd);
