@@ -1,12 +1,82 @@
-//! One unary gRPC exchange as the proxy sees it: a whole response (head, body, trailers) that a
-//! handler can read, replace, or hand back byte for byte.
+//! One unary gRPC exchange as the proxy sees it: the caller's call ([`UnaryCall`]: request head
+//! and its single message), a whole response ([`Reply`]: head, body, trailers) that a handler can
+//! read, replace, or hand back byte for byte, and the [`Interceptor`] trait every handler of the
+//! intercept table implements.
 
 use bytes::Bytes;
 use dockhand_protos::codec;
+use futures::future::BoxFuture;
 use http::{HeaderMap, HeaderValue};
-use http_body_util::{BodyExt, StreamBody};
+use http_body_util::{BodyExt, Full, StreamBody};
 use tonic::body::Body;
 use tonic::{Code, Status};
+
+use crate::upstream::Upstream;
+
+/// The handler of one intercepted method. It gets the whole unary request: it may read a decoded
+/// copy, forward the original or edited bytes (through `protos::wire`, never by re-encoding), and
+/// read or replace the reply.
+pub trait Interceptor: Send + Sync {
+    fn handle(&self, call: UnaryCall) -> BoxFuture<'_, Reply>;
+}
+
+/// Forwards the call as it came: the handler of a method whose feature is switched off.
+pub struct Forward;
+
+impl Interceptor for Forward {
+    fn handle(&self, call: UnaryCall) -> BoxFuture<'_, Reply> {
+        Box::pin(async move { call.forward_unchanged().await })
+    }
+}
+
+/// One intercepted unary call: the caller's request head and its single message.
+pub struct UnaryCall {
+    head: http::request::Parts,
+    pub message: Bytes,
+    upstream: Upstream,
+}
+
+impl UnaryCall {
+    pub fn new(head: http::request::Parts, message: Bytes, upstream: Upstream) -> UnaryCall {
+        UnaryCall {
+            head,
+            message,
+            upstream,
+        }
+    }
+
+    /// A decoded copy of the request, for reading only.
+    pub fn decode<T: prost::Message + Default>(&self) -> Result<T, prost::DecodeError> {
+        T::decode(self.message.clone())
+    }
+
+    /// Forwards `message` (the original or an edited copy) with the caller's headers.
+    pub async fn forward(&self, message: &[u8]) -> Reply {
+        let body = Body::new(Full::new(codec::frame(message)));
+        let response = self
+            .upstream
+            .send(request_with_body(&self.head, body))
+            .await;
+        Reply::collect(response).await
+    }
+
+    /// Forwards the request exactly as it came.
+    pub async fn forward_unchanged(&self) -> Reply {
+        let message = self.message.clone();
+        self.forward(&message).await
+    }
+}
+
+/// A new request with the same method, URI, version and headers as `head`.
+pub fn request_with_body(head: &http::request::Parts, body: Body) -> http::Request<Body> {
+    let mut request = http::Request::new(body);
+    *request.method_mut() = head.method.clone();
+    *request.uri_mut() = head.uri.clone();
+    *request.version_mut() = head.version;
+    *request.headers_mut() = head.headers.clone();
+    request.headers_mut().remove(http::header::CONTENT_LENGTH);
+    request
+}
 
 /// A complete unary response.
 #[derive(Debug)]

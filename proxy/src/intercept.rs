@@ -1,152 +1,91 @@
 //! The one table of CRI methods dockhand acts on, each with its one handler. Every other method
 //! (and every method of another API version) is passed through untouched by the server.
 //!
-//! A handler gets the whole unary request: it may read a decoded copy, forward the original or
-//! edited bytes (through `protos::wire`, never by re-encoding), and read or replace the reply.
+//! This module depends on the handlers (it builds them) and no handler depends on it: a handler
+//! is a [`crate::grpc::Interceptor`], and the table is the one place that says which method gets
+//! which. A feature that is switched off registers no handler, so its methods pass through.
 
 use std::sync::Arc;
 
-use bytes::Bytes;
-use dockhand_protos::cri::ContainerStatusRequest;
-use http_body_util::Full;
-use tonic::body::Body;
+use prometheus_client::registry::Registry;
 
-use crate::archive::Archive;
-use crate::grpc::Reply;
-use crate::placement::Placement;
+use crate::archive::{self, Archive, ArchiveError};
+use crate::config::Config;
+use crate::grpc::{Forward, Interceptor};
+use crate::placement::WithRecord;
 use crate::propagation::Propagation;
 use crate::upstream::Upstream;
 
-/// The CRI v1 methods dockhand intercepts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Intercepted {
-    /// Docker-parity mount propagation (`propagation.rs`).
-    CreateContainer,
-    /// Container log archive (`archive.rs`): stage the log file.
-    StartContainer,
-    /// Container log archive: stage the new file, archive the rotated one.
-    ReopenContainerLog,
-    /// Container log archive: finalize (queued; never deletes the archive).
-    RemoveContainer,
-    /// Container log archive: answer for archived containers containerd no longer knows; and
-    /// verbose answers get the shim's cgroup record (`placement.rs`).
-    ContainerStatus,
+const CREATE_CONTAINER: &str = "/runtime.v1.RuntimeService/CreateContainer";
+const START_CONTAINER: &str = "/runtime.v1.RuntimeService/StartContainer";
+const REOPEN_CONTAINER_LOG: &str = "/runtime.v1.RuntimeService/ReopenContainerLog";
+const REMOVE_CONTAINER: &str = "/runtime.v1.RuntimeService/RemoveContainer";
+const CONTAINER_STATUS: &str = "/runtime.v1.RuntimeService/ContainerStatus";
+
+/// The intercepted methods, by full gRPC path.
+pub struct Table {
+    routes: Vec<(&'static str, Arc<dyn Interceptor>)>,
 }
 
-const TABLE: &[(&str, Intercepted)] = &[
-    (
-        "/runtime.v1.RuntimeService/CreateContainer",
-        Intercepted::CreateContainer,
-    ),
-    (
-        "/runtime.v1.RuntimeService/StartContainer",
-        Intercepted::StartContainer,
-    ),
-    (
-        "/runtime.v1.RuntimeService/ReopenContainerLog",
-        Intercepted::ReopenContainerLog,
-    ),
-    (
-        "/runtime.v1.RuntimeService/RemoveContainer",
-        Intercepted::RemoveContainer,
-    ),
-    (
-        "/runtime.v1.RuntimeService/ContainerStatus",
-        Intercepted::ContainerStatus,
-    ),
-];
-
-pub fn lookup(path: &str) -> Option<Intercepted> {
-    TABLE
-        .iter()
-        .find(|(p, _)| *p == path)
-        .map(|(_, method)| *method)
-}
-
-/// One intercepted unary call: the caller's request head and its single message.
-pub struct UnaryCall {
-    head: http::request::Parts,
-    pub message: Bytes,
-    upstream: Upstream,
-}
-
-impl UnaryCall {
-    pub fn new(head: http::request::Parts, message: Bytes, upstream: Upstream) -> UnaryCall {
-        UnaryCall {
-            head,
-            message,
-            upstream,
-        }
+impl Table {
+    /// Builds every handler the configuration asks for. Fails when the container log archive
+    /// cannot open (e.g. staging cannot hard-link pod logs): better a clear error at start-up
+    /// than logs silently not kept.
+    pub fn new(
+        config: &Config,
+        upstream: &Upstream,
+        registry: &mut Registry,
+    ) -> Result<Table, ArchiveError> {
+        let mut routes: Vec<(&'static str, Arc<dyn Interceptor>)> = Vec::new();
+        // Docker-parity mount propagation (propagation.rs).
+        routes.push((
+            CREATE_CONTAINER,
+            Arc::new(Propagation::new(config.propagation.clone(), registry)),
+        ));
+        // The container log archive (archive.rs): stage at start and at rotation, finalize at
+        // removal, answer for archived containers containerd no longer knows.
+        let status: Arc<dyn Interceptor> = if config.archive.enabled {
+            let archive = Archive::open(
+                &config.archive,
+                &config.cgroup_records,
+                upstream.clone(),
+                registry,
+            )?;
+            routes.push((
+                START_CONTAINER,
+                Arc::new(archive::StartContainer(archive.clone())),
+            ));
+            routes.push((
+                REOPEN_CONTAINER_LOG,
+                Arc::new(archive::ReopenContainerLog(archive.clone())),
+            ));
+            routes.push((
+                REMOVE_CONTAINER,
+                Arc::new(archive::RemoveContainer(archive.clone())),
+            ));
+            Arc::new(archive::ContainerStatus(archive))
+        } else {
+            Arc::new(Forward)
+        };
+        // Verbose answers get the shim's cgroup record (placement.rs), archived ones included.
+        routes.push((
+            CONTAINER_STATUS,
+            Arc::new(WithRecord::new(status, config.cgroup_records.clone())),
+        ));
+        Ok(Table { routes })
     }
 
-    /// A decoded copy of the request, for reading only.
-    pub fn decode<T: prost::Message + Default>(&self) -> Result<T, prost::DecodeError> {
-        T::decode(self.message.clone())
+    /// The handler of `path`, when dockhand intercepts it.
+    pub fn lookup(&self, path: &str) -> Option<&Arc<dyn Interceptor>> {
+        self.routes
+            .iter()
+            .find(|(p, _)| *p == path)
+            .map(|(_, handler)| handler)
     }
 
-    /// Forwards `message` (the original or an edited copy) with the caller's headers.
-    pub async fn forward(&self, message: &[u8]) -> Reply {
-        let body = Body::new(Full::new(dockhand_protos::codec::frame(message)));
-        let response = self
-            .upstream
-            .send(request_with_body(&self.head, body))
-            .await;
-        Reply::collect(response).await
-    }
-
-    /// Forwards the request exactly as it came.
-    pub async fn forward_unchanged(&self) -> Reply {
-        let message = self.message.clone();
-        self.forward(&message).await
-    }
-}
-
-/// A new request with the same method, URI, version and headers as `head`.
-pub fn request_with_body(head: &http::request::Parts, body: Body) -> http::Request<Body> {
-    let mut request = http::Request::new(body);
-    *request.method_mut() = head.method.clone();
-    *request.uri_mut() = head.uri.clone();
-    *request.version_mut() = head.version;
-    *request.headers_mut() = head.headers.clone();
-    request.headers_mut().remove(http::header::CONTENT_LENGTH);
-    request
-}
-
-/// The handlers' shared state.
-pub struct Handlers {
-    pub propagation: Propagation,
-    /// The shim's cgroup records, for verbose ContainerStatus (`placement.rs`).
-    pub placement: Placement,
-    /// The container log archive; None when switched off.
-    pub archive: Option<Arc<Archive>>,
-}
-
-impl Handlers {
-    pub async fn handle(self: &Arc<Self>, method: Intercepted, call: UnaryCall) -> Reply {
-        match method {
-            Intercepted::CreateContainer => self.propagation.create_container(call).await,
-            Intercepted::StartContainer => match &self.archive {
-                Some(archive) => archive.start_container(call).await,
-                None => call.forward_unchanged().await,
-            },
-            Intercepted::ReopenContainerLog => match &self.archive {
-                Some(archive) => archive.reopen_container_log(call).await,
-                None => call.forward_unchanged().await,
-            },
-            Intercepted::RemoveContainer => match &self.archive {
-                Some(archive) => archive.remove_container(call).await,
-                None => call.forward_unchanged().await,
-            },
-            Intercepted::ContainerStatus => {
-                // Decoded once for both steps: the archive needs the id, placement the verbosity.
-                let request = call.decode::<ContainerStatusRequest>().ok();
-                let reply = match &self.archive {
-                    Some(archive) => archive.container_status(call, request.as_ref()).await,
-                    None => call.forward_unchanged().await,
-                };
-                self.placement.add_record(request.as_ref(), reply)
-            }
-        }
+    /// The intercepted paths, in the table's order.
+    pub fn paths(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.routes.iter().map(|(path, _)| *path)
     }
 }
 
@@ -154,17 +93,31 @@ impl Handlers {
 mod tests {
     use super::*;
 
-    #[test]
-    fn only_v1_paths_in_the_table_are_intercepted() {
-        assert_eq!(
-            lookup("/runtime.v1.RuntimeService/CreateContainer"),
-            Some(Intercepted::CreateContainer)
+    #[tokio::test]
+    async fn only_v1_paths_in_the_table_are_intercepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::default();
+        config.archive.enabled = false;
+        config.cgroup_records = dir.path().join("records");
+        let upstream = Upstream::new(
+            &dir.path().join("none.sock"),
+            std::time::Duration::from_secs(1),
         );
+        let table = Table::new(&config, &upstream, &mut Registry::default()).unwrap();
+        assert!(table
+            .lookup("/runtime.v1.RuntimeService/CreateContainer")
+            .is_some());
+        assert!(table
+            .lookup("/runtime.v1alpha2.RuntimeService/CreateContainer")
+            .is_none());
+        assert!(table.lookup("/runtime.v1.RuntimeService/Version").is_none());
+        assert!(table
+            .lookup("/runtime.v1.RuntimeService/createcontainer")
+            .is_none());
+        // The archive switched off: its methods pass through; ContainerStatus keeps the record.
         assert_eq!(
-            lookup("/runtime.v1alpha2.RuntimeService/CreateContainer"),
-            None
+            table.paths().collect::<Vec<_>>(),
+            [CREATE_CONTAINER, CONTAINER_STATUS]
         );
-        assert_eq!(lookup("/runtime.v1.RuntimeService/Version"), None);
-        assert_eq!(lookup("/runtime.v1.RuntimeService/createcontainer"), None);
     }
 }

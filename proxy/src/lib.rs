@@ -6,32 +6,24 @@
 //!
 //! Layout:
 //! - `config`: the TOML configuration and its defaults.
+//! - `grpc`: the unary call, the whole reply and the `Interceptor` trait handlers implement.
 //! - `server`: the socket, the HTTP/2 server, routing and graceful shutdown.
 //! - `upstream`: the connection to containerd.
-//! - `intercept`: the table of intercepted methods and the unary call a handler works on.
-//! - `grpc`: a whole unary reply that handlers read or replace.
+//! - `intercept`: the one table of intercepted methods and their handlers.
 //! - `metrics`: the Prometheus registry, per-call metrics and the `/metrics` endpoint.
 //! - `propagation`: Docker-parity mount propagation (CreateContainer).
 //! - `placement`: the shim's cgroup record in verbose ContainerStatus.
-//! - `cgroups`: `dockhand cgroups`, where each container sits in the cgroup tree.
-//! - `audit`: `dockhand audit propagation`.
-//! - `check`: `dockhand check`, a node-problem-detector plugin.
-//! - `archive`: the container log archive (StartContainer to RemoveContainer, `dockhand logs`).
-//! - `cri_client`: a CRI client over a unix socket for the command line.
-//! - `table`: aligned text tables for the command line.
+//! - `archive`: the container log archive (StartContainer to RemoveContainer).
+//! - `cli`: the command line's subcommands (`audit`, `cgroups`, `check`, `logs`).
 #![forbid(unsafe_code)]
 
 pub mod archive;
-pub mod audit;
-pub mod cgroups;
-pub mod check;
+pub mod cli;
 pub mod config;
-pub mod cri_client;
 pub mod grpc;
 pub mod intercept;
 pub mod metrics;
 pub mod placement;
 pub mod propagation;
 pub mod server;
-pub mod table;
 pub mod upstream;

@@ -6,8 +6,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use dockhand::cli::audit;
 use dockhand::config::{Config, DEFAULT_CONFIG_PATH};
-use dockhand::{audit, server};
+use dockhand::server;
 
 /// Exit code for a configuration error (EX_USAGE, as sysexits.h).
 const EXIT_CONFIG: u8 = 64;
@@ -34,11 +35,11 @@ enum Command {
     #[command(subcommand)]
     Audit(AuditCommand),
     /// Where each container sits in the cgroup tree (what `docker inspect` told).
-    Cgroups(dockhand::cgroups::CgroupsArgs),
+    Cgroups(dockhand::cli::cgroups::CgroupsArgs),
     /// Health check for node-problem-detector: exit 0 OK, 1 problem, 2 unknown; one line of text.
-    Check(dockhand::check::CheckArgs),
+    Check(dockhand::cli::check::CheckArgs),
     /// List archived containers, or print one's logs like `kubectl logs`.
-    Logs(dockhand::archive::logs_cmd::LogsArgs),
+    Logs(dockhand::cli::logs::LogsArgs),
 }
 
 #[derive(clap::Args)]
@@ -89,21 +90,19 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Proxy(args) => proxy(args).await,
-            Command::Cgroups(args) => dockhand::cgroups::run(args)
+            Command::Cgroups(args) => dockhand::cli::cgroups::run(args)
                 .await
                 .map(|()| ExitCode::SUCCESS),
             Command::Check(args) => {
-                let (verdict, message) = dockhand::check::check(&args).await;
+                let (verdict, message) = dockhand::cli::check::check(&args).await;
                 println!("{message}");
                 Ok(ExitCode::from(verdict as u8))
             }
             Command::Audit(AuditCommand::Propagation(args)) => {
                 audit::propagation(args).await.map(|()| ExitCode::SUCCESS)
             }
-            Command::Logs(args) => {
-                dockhand::archive::logs_cmd::run(&args, &mut std::io::stdout().lock())
-                    .map(|()| ExitCode::SUCCESS)
-            }
+            Command::Logs(args) => dockhand::cli::logs::run(&args, &mut std::io::stdout().lock())
+                .map(|()| ExitCode::SUCCESS),
         }
     });
     match result {

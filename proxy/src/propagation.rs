@@ -25,9 +25,9 @@ use prometheus_client::registry::Registry;
 use tracing::Instrument;
 
 use crate::config::{PropagationConfig, PropagationMode};
-use crate::grpc::Reply;
-use crate::intercept::UnaryCall;
+use crate::grpc::{Interceptor, Reply, UnaryCall};
 use dockhand_host::mountinfo::{self, MountTable, WatchedMountTable};
+use futures::future::BoxFuture;
 
 /// Pod annotation (on the sandbox) that turns the rewrite off for that pod's containers.
 pub const OPT_OUT_ANNOTATION: &str = "dockhand.io/mount-propagation";
@@ -69,6 +69,13 @@ pub struct MountDecision {
     pub decision: Decision,
 }
 
+/// Whether the rule looks at `mount` at all, before any host path is read: propagation left to
+/// the runtime (PRIVATE) and an absolute host path.
+pub fn is_candidate(mount: &Mount) -> bool {
+    mount.propagation == MountPropagation::PropagationPrivate as i32
+        && Path::new(&mount.host_path).is_absolute()
+}
+
 /// Docker's rule (plus the operator's extra paths), with its roots resolved once.
 pub struct Rule {
     docker_root: PathBuf,
@@ -87,9 +94,7 @@ impl Rule {
     /// (PRIVATE), an absolute host path, inside the docker root or an ancestor of it, or inside
     /// an extra path.
     pub fn matches(&self, mount: &Mount, resolver: &mut Resolver) -> Option<PathBuf> {
-        if mount.propagation != MountPropagation::PropagationPrivate as i32
-            || !Path::new(&mount.host_path).is_absolute()
-        {
+        if !is_candidate(mount) {
             return None;
         }
         let source = resolver.resolve(Path::new(&mount.host_path));
@@ -248,21 +253,57 @@ fn lexically_clean(path: &Path) -> PathBuf {
 }
 
 /// The annotation text for a set of decisions: `"/rootfs=rslave, /host=private(host mount private)"`.
+///
+/// The format is for people reading `crictl inspect` and for [`recorded_decision`]:
+/// `<container path>=<decision>` entries joined by `", "`, where a container path's `%`, `,` and
+/// `=` are written `%25`, `%2C` and `%3D` so that any path reads back as itself.
 pub fn annotation(decisions: &[MountDecision]) -> String {
     decisions
         .iter()
-        .map(|d| format!("{}={}", d.container_path, d.decision))
+        .map(|d| format!("{}={}", escape_path(&d.container_path), d.decision))
         .collect::<Vec<_>>()
         .join(", ")
 }
 
-/// What an annotation written by [`annotation`] says about `container_path`: `"rslave"` or
-/// `"private(<why>)"`, or None when it does not name that path.
-pub fn recorded_decision<'a>(annotation: &'a str, container_path: &str) -> Option<&'a str> {
+fn escape_path(path: &str) -> String {
+    path.replace('%', "%25")
+        .replace(',', "%2C")
+        .replace('=', "%3D")
+}
+
+fn unescape_path(path: &str) -> String {
+    path.replace("%3D", "=")
+        .replace("%2C", ",")
+        .replace("%25", "%")
+}
+
+/// A decision as the annotation records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recorded {
+    Rslave,
+    Private { reason: String },
+}
+
+impl Recorded {
+    fn parse(text: &str) -> Option<Recorded> {
+        if text == "rslave" {
+            return Some(Recorded::Rslave);
+        }
+        let reason = text.strip_prefix("private(")?.strip_suffix(')')?;
+        Some(Recorded::Private {
+            reason: reason.to_string(),
+        })
+    }
+}
+
+/// What an annotation written by [`annotation`] says about `container_path`, or None when it
+/// does not name that path (or names it with a decision this dockhand does not know).
+pub fn recorded_decision(annotation: &str, container_path: &str) -> Option<Recorded> {
     annotation.split(", ").find_map(|entry| {
-        entry
-            .strip_prefix(container_path)
-            .and_then(|rest| rest.strip_prefix('='))
+        let (path, decision) = entry.split_once('=')?;
+        (unescape_path(path) == container_path)
+            .then(|| Recorded::parse(decision))
+            .flatten()
     })
 }
 
@@ -302,8 +343,14 @@ pub struct Propagation {
     config: PropagationConfig,
     /// The rule and the host's mount table, shared with the blocking pool that decides.
     decider: Arc<Decider>,
+    /// Decisions allowed on the blocking pool at once.
+    deciding: Arc<tokio::sync::Semaphore>,
+    timeout: Duration,
     rewrites: Family<ResultLabels, Counter>,
 }
+
+/// How many decisions may run (or hang) on the blocking pool at once.
+const DECIDING_AT_ONCE: usize = 8;
 
 /// What deciding needs, on the blocking pool.
 struct Decider {
@@ -350,6 +397,8 @@ impl Propagation {
                 table: WatchedMountTable::new(Path::new(mountinfo::MOUNTINFO)),
                 skipped_lines,
             }),
+            deciding: Arc::new(tokio::sync::Semaphore::new(DECIDING_AT_ONCE)),
+            timeout: DECIDE_TIMEOUT,
             config,
             rewrites,
         }
@@ -361,7 +410,7 @@ impl Propagation {
             .inc_by(n as u64);
     }
 
-    pub async fn create_container(&self, call: UnaryCall) -> Reply {
+    async fn create_container(&self, call: UnaryCall) -> Reply {
         if self.config.mode == PropagationMode::Off {
             return call.forward_unchanged().await;
         }
@@ -394,9 +443,39 @@ impl Propagation {
 
     async fn decide_and_forward(&self, call: UnaryCall, request: CreateContainerRequest) -> Reply {
         let mounts = request.config.map(|c| c.mounts).unwrap_or_default();
+        // The opt-out is read before any host path is touched: a pod may opt out precisely
+        // because one of its host paths lives on a filesystem that hangs.
+        let opted_out = request
+            .sandbox_config
+            .as_ref()
+            .and_then(|s| s.annotations.get(OPT_OUT_ANNOTATION))
+            .is_some_and(|v| v == OPT_OUT_VALUE);
+        if opted_out {
+            let candidates = mounts.iter().filter(|m| is_candidate(m)).count();
+            if candidates > 0 {
+                tracing::info!(
+                    mounts = candidates,
+                    "pod opted out; mounts kept as requested"
+                );
+                self.count("opted_out", candidates);
+            }
+            return call.forward_unchanged().await;
+        }
+        // A decision stuck on a hung filesystem cannot be cancelled (it is a blocking system
+        // call); it holds its permit until it returns, so a hang costs at most
+        // DECIDING_AT_ONCE threads and later creates go through unchanged at once.
+        let Ok(permit) = self.deciding.clone().try_acquire_owned() else {
+            tracing::warn!("earlier decisions are still stuck on host paths; forwarding unchanged");
+            self.count("timeout", 1);
+            return call.forward_unchanged().await;
+        };
         let decider = self.decider.clone();
-        let decided = tokio::task::spawn_blocking(move || decider.decide(&mounts));
-        let decisions = match tokio::time::timeout(DECIDE_TIMEOUT, decided).await {
+        let decided = tokio::task::spawn_blocking(move || {
+            let decisions = decider.decide(&mounts);
+            drop(permit);
+            decisions
+        });
+        let decisions = match tokio::time::timeout(self.timeout, decided).await {
             Ok(Ok(decisions)) => decisions,
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "deciding failed; forwarding unchanged");
@@ -405,7 +484,7 @@ impl Propagation {
             }
             Err(_) => {
                 tracing::warn!(
-                    timeout_s = DECIDE_TIMEOUT.as_secs(),
+                    timeout_ms = self.timeout.as_millis() as u64,
                     "host paths did not answer in time (a hung filesystem?); forwarding unchanged"
                 );
                 self.count("timeout", 1);
@@ -413,19 +492,6 @@ impl Propagation {
             }
         };
         if decisions.is_empty() {
-            return call.forward_unchanged().await;
-        }
-        let opted_out = request
-            .sandbox_config
-            .as_ref()
-            .and_then(|s| s.annotations.get(OPT_OUT_ANNOTATION))
-            .is_some_and(|v| v == OPT_OUT_VALUE);
-        if opted_out {
-            tracing::info!(
-                mounts = decisions.len(),
-                "pod opted out; mounts kept as requested"
-            );
-            self.count("opted_out", decisions.len());
             return call.forward_unchanged().await;
         }
         for d in &decisions {
@@ -461,6 +527,12 @@ impl Propagation {
                 call.forward_unchanged().await
             }
         }
+    }
+}
+
+impl Interceptor for Propagation {
+    fn handle(&self, call: UnaryCall) -> BoxFuture<'_, Reply> {
+        Box::pin(self.create_container(call))
     }
 }
 

@@ -20,11 +20,10 @@ use tokio::net::UnixListener;
 use tonic::body::Body;
 use tonic::Status;
 
-use crate::archive::Archive;
 use crate::config::Config;
-use crate::intercept::{self, Handlers, UnaryCall};
+use crate::grpc::{self, UnaryCall};
+use crate::intercept::Table;
 use crate::metrics::{CriMetrics, MetricsLayer};
-use crate::propagation::Propagation;
 use crate::upstream::Upstream;
 
 #[derive(Debug, thiserror::Error)]
@@ -88,10 +87,10 @@ pub fn bind(path: &Path) -> Result<UnixListener, ServerError> {
     Ok(listener)
 }
 
-/// Everything a call needs: where containerd is and the intercept handlers.
+/// Everything a call needs: where containerd is and the intercept table.
 pub struct Proxy {
     upstream: Upstream,
-    handlers: Arc<Handlers>,
+    table: Table,
     metrics: Arc<CriMetrics>,
     drain_timeout: Duration,
 }
@@ -104,34 +103,17 @@ impl Proxy {
             &config.containerd,
             Duration::from_secs(config.connect_timeout_seconds),
         );
-        let archive = if config.archive.enabled {
-            match Archive::open(
-                &config.archive,
-                &config.cgroup_records,
-                upstream.clone(),
-                registry,
-            ) {
-                Ok(archive) => Some(archive),
-                Err(e) => return Err(ServerError::Archive(e)),
-            }
-        } else {
-            None
-        };
-        let handlers = Arc::new(Handlers {
-            propagation: Propagation::new(config.propagation.clone(), registry),
-            placement: crate::placement::Placement::new(config.cgroup_records.clone()),
-            archive,
-        });
+        let table = Table::new(config, &upstream, registry).map_err(ServerError::Archive)?;
         Ok(Proxy {
             upstream,
-            handlers,
+            table,
             metrics: Arc::new(CriMetrics::register(registry)),
             drain_timeout: Duration::from_secs(config.drain_timeout_seconds),
         })
     }
 
     async fn route(&self, request: http::Request<Incoming>) -> http::Response<Body> {
-        let Some(method) = intercept::lookup(request.uri().path()) else {
+        let Some(handler) = self.table.lookup(request.uri().path()) else {
             return self.upstream.send(request.map(Body::new)).await;
         };
         let (head, body) = request.into_parts();
@@ -148,11 +130,11 @@ impl Proxy {
         match codec::unframe(&bytes) {
             Ok(message) => {
                 let call = UnaryCall::new(head, message, self.upstream.clone());
-                self.handlers.handle(method, call).await.into_response()
+                handler.handle(call).await.into_response()
             }
             Err(e) => {
-                tracing::debug!(method = ?method, error = %e, "not one plain message; forwarding as is");
-                let request = intercept::request_with_body(&head, Body::new(Full::new(bytes)));
+                tracing::debug!(method = %head.uri.path(), error = %e, "not one plain message; forwarding as is");
+                let request = grpc::request_with_body(&head, Body::new(Full::new(bytes)));
                 self.upstream.send(request).await
             }
         }

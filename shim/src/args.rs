@@ -3,6 +3,11 @@
 //!
 //! The shim forwards the original argument list to the delegate untouched; this parse only reads
 //! what the shim itself needs.
+//!
+//! Why by hand: clap and lexopt parse GNU/POSIX syntax and take `-id` for `-i -d`; the
+//! `go-flag` crate parses Go's syntax but fails on a flag it was not told about, and a newer
+//! containerd may pass one (it added `-socket` and `-debug` over the years) that must reach the
+//! delegate instead of stopping the shim. Go's rules fit in this file.
 
 use std::ffi::OsString;
 

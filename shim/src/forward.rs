@@ -122,6 +122,9 @@ impl MethodHandler for Forward {
         let method = req.method.clone();
         let observed = self.observed.then(|| req.payload.clone());
         debug!(service = %req.service, method = %method, "forward");
+        let deadline = (req.timeout_nano > 0)
+            .then(|| std::time::Duration::from_nanos(req.timeout_nano as u64));
+        let started = std::time::Instant::now();
         let response = match self.shared.client.request(req).await {
             Ok(response) => response,
             Err(ttrpc::Error::RpcStatus(status)) => {
@@ -137,10 +140,11 @@ impl MethodHandler for Forward {
                 return std::future::pending().await;
             }
             Err(e) => {
-                let code = if e.to_string().contains("timeout") {
-                    Code::DEADLINE_EXCEEDED
-                } else {
-                    Code::UNAVAILABLE
+                // ttrpc-rust reports its own timeout only as `Error::Others(text)`; the deadline
+                // having passed is what decides, not the words of the error.
+                let code = match deadline {
+                    Some(deadline) if started.elapsed() >= deadline => Code::DEADLINE_EXCEEDED,
+                    _ => Code::UNAVAILABLE,
                 };
                 warn!(method = %method, error = %e, "forward failed");
                 let mut response = Response::new();

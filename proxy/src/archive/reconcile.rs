@@ -8,6 +8,7 @@ use std::sync::Weak;
 use dockhand_protos::cri::{ListContainersRequest, ListContainersResponse};
 use tonic::Code;
 
+use super::staging::StagingError;
 use super::{Archive, ArchiveError, Job, LIST_CONTAINERS, RECONCILE_INTERVAL};
 use dockhand_host::ContainerId;
 
@@ -17,10 +18,24 @@ impl Archive {
     /// Staging against containerd: a staged container containerd no longer knows is finalized;
     /// a container containerd has that is not staged (started while dockhand was down) is.
     pub(super) async fn reconcile(&self) {
-        let staged = match self.staging.ids() {
-            Ok(ids) => ids,
-            Err(e) => {
+        // Listing and cleaning staging reads the filesystem: on the blocking pool.
+        let staging = self.staging.clone();
+        let listed = tokio::task::spawn_blocking(move || {
+            let ids = staging.ids()?;
+            for id in &ids {
+                staging.remove_leftovers(id);
+            }
+            Ok::<_, StagingError>(ids)
+        })
+        .await;
+        let staged = match listed {
+            Ok(Ok(ids)) => ids,
+            Ok(Err(e)) => {
                 tracing::warn!(error = %e, "cannot read staging");
+                Vec::new()
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "staging task failed");
                 Vec::new()
             }
         };

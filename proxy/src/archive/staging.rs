@@ -44,6 +44,8 @@ pub enum StagingError {
     CrossDevice { staging: PathBuf, pod_logs: PathBuf },
     #[error("cannot check the filesystem of {path}: {source}")]
     Device { path: PathBuf, source: io::Error },
+    #[error("cannot list the staging directory {path}: {source}")]
+    List { path: PathBuf, source: io::Error },
     #[error("cannot stage the log of container {id} under {path}: {source}")]
     Io {
         id: ContainerId,
@@ -70,7 +72,9 @@ impl StagingError {
             }
             StagingError::Unsafe { .. } => "unsafe_path",
             StagingError::CrossDevice { .. } | StagingError::Device { .. } => "cross_device",
-            StagingError::Io { .. } | StagingError::Record { .. } => "io_error",
+            StagingError::Io { .. } | StagingError::Record { .. } | StagingError::List { .. } => {
+                "io_error"
+            }
         }
     }
 }
@@ -380,10 +384,21 @@ impl Staging {
             .map_err(self.io_err(id))
     }
 
-    /// The containers with a staging directory; foreign names are skipped with a warning and
-    /// leftover temporary files are removed.
+    /// Removes the temporary files a crash left in `id`'s staging directory (a link made but
+    /// not yet renamed into place).
+    pub fn remove_leftovers(&self, id: &ContainerId) {
+        if let Ok(Some(dir)) = self.open_container(id) {
+            for inner in nofollow::list(dir.as_fd()).unwrap_or_default() {
+                if let Some(inner) = inner.to_str().filter(|n| n.starts_with(TMP_PREFIX)) {
+                    let _ = nofollow::remove_file(dir.as_fd(), inner);
+                }
+            }
+        }
+    }
+
+    /// The containers with a staging directory; foreign names are skipped with a warning.
     pub fn ids(&self) -> Result<Vec<ContainerId>, StagingError> {
-        let unreadable = |source| StagingError::Device {
+        let unreadable = |source| StagingError::List {
             path: self.root.clone(),
             source,
         };
@@ -394,14 +409,7 @@ impl Staging {
         for name in nofollow::list(root.as_fd()).map_err(unreadable)? {
             match name.to_str().map(ContainerId::parse) {
                 Some(Ok(id)) => {
-                    if let Ok(Some(dir)) = self.open_container(&id) {
-                        for inner in nofollow::list(dir.as_fd()).unwrap_or_default() {
-                            if let Some(inner) =
-                                inner.to_str().filter(|n| n.starts_with(TMP_PREFIX))
-                            {
-                                let _ = nofollow::remove_file(dir.as_fd(), inner);
-                            }
-                        }
+                    if let Ok(Some(_)) = self.open_container(&id) {
                         ids.push(id);
                     }
                 }

@@ -4,13 +4,12 @@ use std::path::{Path, PathBuf};
 
 use dockhand_protos::cri::ContainerState;
 
-use super::cri_log;
-use super::logs_cmd;
 use super::restore;
 use super::retention::{next_drop, Candidate, Policy, Reason};
 use super::staging::{generation_file, parse_generation_file};
 use super::staging::{locate, Linked, Staging, StagingError};
 use super::store::{Appended, ContainerMeta, Store};
+use crate::cli::{cri_log, logs as logs_cmd};
 use crate::config::Config;
 use dockhand_host::ContainerId;
 

@@ -6,11 +6,10 @@ use std::path::Path;
 use std::sync::mpsc;
 use std::sync::Weak;
 
+use super::metrics::ReasonLabels;
 use super::retention::{self, Candidate, Policy};
 use super::store::{self, Appended, ContainerMeta, Entry};
-use super::{
-    restore, Archive, ArchiveError, Job, ReasonLabels, PAUSE_ENV, RESTORED_TTL, RETENTION_INTERVAL,
-};
+use super::{restore, Archive, ArchiveError, Job, RESTORED_TTL, RETENTION_INTERVAL};
 use dockhand_host::fs as nofollow;
 use dockhand_host::ContainerId;
 
@@ -107,13 +106,17 @@ impl Archive {
         Ok(())
     }
 
+    /// The `test-hooks` pause point `stage` (nothing in other builds).
     pub(super) fn pause(&self, stage: &str) {
+        #[cfg(feature = "test-hooks")]
         if self.pause_at.as_deref() == Some(stage) {
-            tracing::warn!(stage, "archive worker paused by {PAUSE_ENV}");
+            tracing::warn!(stage, "archive worker paused by {}", super::PAUSE_ENV);
             loop {
                 std::thread::park();
             }
         }
+        #[cfg(not(feature = "test-hooks"))]
+        let _ = stage;
     }
 
     /// Drops the oldest entries until the archive is within its bounds.

@@ -248,18 +248,40 @@ fn the_annotation_reads_back_per_mount() {
         PRIVATE_ROOT,
     );
     let text = annotation(&decisions);
-    assert_eq!(
-        recorded_decision(&text, "/rootfs"),
-        Some("private(host mount private)")
-    );
-    assert_eq!(
-        recorded_decision(&text, "/rootfs/var"),
-        Some("private(host mount private)")
-    );
+    let private = Some(Recorded::Private {
+        reason: "host mount private".into(),
+    });
+    assert_eq!(recorded_decision(&text, "/rootfs"), private);
+    assert_eq!(recorded_decision(&text, "/rootfs/var"), private);
     assert_eq!(
         recorded_decision("/rootfs=rslave", "/rootfs"),
-        Some("rslave")
+        Some(Recorded::Rslave)
     );
     assert_eq!(recorded_decision("/rootfs=rslave", "/root"), None);
     assert_eq!(recorded_decision(&text, "/etc"), None);
+}
+
+/// Container paths may hold the separators of the annotation's own format.
+#[test]
+fn any_container_path_reads_back_as_itself() {
+    let decisions = decide_with(
+        &config(),
+        &[
+            private("/", "/a, b=c"),
+            private("/var", "/x=rslave, /y"),
+            private("/var/lib", "/100%2C"),
+        ],
+        SHARED_ROOT,
+    );
+    let text = annotation(&decisions);
+    for path in ["/a, b=c", "/x=rslave, /y", "/100%2C"] {
+        assert_eq!(
+            recorded_decision(&text, path),
+            Some(Recorded::Rslave),
+            "{text}"
+        );
+    }
+    assert_eq!(recorded_decision(&text, "/a"), None, "{text}");
+    assert_eq!(recorded_decision(&text, "/y"), None, "{text}");
+    assert_eq!(recorded_decision("/a=bogus", "/a"), None);
 }

@@ -48,7 +48,7 @@ pub struct CgroupsArgs {
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupsError {
     #[error(transparent)]
-    Connect(#[from] crate::cri_client::ConnectError),
+    Connect(#[from] super::cri_client::ConnectError),
     #[error("CRI {call}: {status}")]
     Cri {
         call: &'static str,
@@ -104,7 +104,7 @@ pub async fn run(args: CgroupsArgs) -> anyhow::Result<()> {
 
 /// Asks CRI for the containers and places each one (record, else `/proc`).
 pub async fn collect(args: &CgroupsArgs) -> Result<Vec<Entry>, CgroupsError> {
-    let mut cri = crate::cri_client::connect(&args.socket).await?;
+    let mut cri = super::cri_client::connect(&args.socket).await?;
     let pods = cri
         .list_pod_sandbox(ListPodSandboxRequest { filter: None })
         .await
@@ -307,9 +307,9 @@ pub fn render(entries: &[Entry], with_usage: bool) -> String {
                 [a, b, c, d, e, f, g]
             })
             .collect();
-        return crate::table::render(&trimmed);
+        return super::table::render(&trimmed);
     }
-    crate::table::render(&rows)
+    super::table::render(&rows)
 }
 
 #[cfg(test)]

@@ -1,5 +1,10 @@
 //! The CRI log line format (`2016-10-06T00:17:09.669794202Z stdout F message`), read back the
 //! way `kubectl logs` shows it: partial (`P`) lines joined with the line that ends them.
+//!
+//! Times by hand, not with jiff or humantime: the command reads one format (RFC 3339 as
+//! containerd writes it, nanoseconds, `Z` or an offset) and `--since` takes kubectl's `10m`/`2h`
+//! units; the hundred lines here are tested against both, where a date-time crate would add a
+//! dependency tree to the binary every node runs for what the CLI alone uses.
 
 /// One logical line: partial pieces joined, with the time of its first piece.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -31,7 +31,7 @@ pub enum Verdict {
 
 async fn version(socket: &Path, timeout: Duration) -> Result<String, String> {
     let call = async {
-        let mut client = crate::cri_client::connect(socket)
+        let mut client = super::cri_client::connect(socket)
             .await
             .map_err(|e| e.to_string())?;
         let version = client

@@ -12,7 +12,7 @@ use dockhand_protos::cri::{
 use serde::Serialize;
 
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
-use crate::propagation::{recorded_decision, Resolver, Rule, DECISION_ANNOTATION};
+use crate::propagation::{recorded_decision, Recorded, Resolver, Rule, DECISION_ANNOTATION};
 
 #[derive(clap::Args)]
 pub struct PropagationArgs {
@@ -28,6 +28,48 @@ pub struct PropagationArgs {
     json: bool,
 }
 
+/// The propagation a container's mount got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Got {
+    Rprivate,
+    Rslave,
+}
+
+/// What the audit makes of one mount.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Status {
+    /// rprivate and nobody decided: what breaks after a migration without dockhand.
+    AtRisk,
+    /// dockhand made it rslave.
+    Rewritten,
+    /// dockhand kept it private because the host mount is private.
+    Fallback,
+    /// The pod asked for HostToContainer itself.
+    Explicit,
+}
+
+impl Got {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Got::Rprivate => "rprivate",
+            Got::Rslave => "rslave",
+        }
+    }
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::AtRisk => "at-risk",
+            Status::Rewritten => "rewritten",
+            Status::Fallback => "fallback",
+            Status::Explicit => "explicit",
+        }
+    }
+}
+
 /// One bind mount the rule covers.
 #[derive(Debug, Serialize, PartialEq, Eq)]
 pub struct Finding {
@@ -37,11 +79,9 @@ pub struct Finding {
     pub container_id: String,
     pub container_path: String,
     pub host_path: String,
-    /// What the container got: `rprivate` or `rslave`.
-    pub propagation: &'static str,
-    /// `at-risk` (rprivate, nobody decided), `rewritten` (dockhand made it rslave), `fallback`
-    /// (dockhand kept it private because the host mount is private), `explicit` (the pod asked).
-    pub status: &'static str,
+    /// What the container got.
+    pub propagation: Got,
+    pub status: Status,
 }
 
 /// Classifies the mounts of one container.
@@ -52,11 +92,10 @@ pub fn findings_for(
     id: &str,
     mounts: &[Mount],
 ) -> Vec<Finding> {
-    let decided = |path: &str, what: &str| {
+    let decided = |path: &str| {
         annotations
             .get(DECISION_ANNOTATION)
             .and_then(|text| recorded_decision(text, path))
-            .is_some_and(|decision| decision.starts_with(what))
     };
     let label = |key: &str| labels.get(key).cloned().unwrap_or_default();
     let mut resolver = Resolver::default();
@@ -64,10 +103,9 @@ pub fn findings_for(
         .iter()
         .filter_map(|m| {
             let (propagation, status) = if rule.matches(m, &mut resolver).is_some() {
-                if decided(&m.container_path, "private") {
-                    ("rprivate", "fallback")
-                } else {
-                    ("rprivate", "at-risk")
+                match decided(&m.container_path) {
+                    Some(Recorded::Private { .. }) => (Got::Rprivate, Status::Fallback),
+                    _ => (Got::Rprivate, Status::AtRisk),
                 }
             } else if m.propagation == MountPropagation::PropagationHostToContainer as i32 {
                 let as_private = Mount {
@@ -75,10 +113,9 @@ pub fn findings_for(
                     ..m.clone()
                 };
                 rule.matches(&as_private, &mut resolver)?;
-                if decided(&m.container_path, "rslave") {
-                    ("rslave", "rewritten")
-                } else {
-                    ("rslave", "explicit")
+                match decided(&m.container_path) {
+                    Some(Recorded::Rslave) => (Got::Rslave, Status::Rewritten),
+                    _ => (Got::Rslave, Status::Explicit),
                 }
             } else {
                 return None;
@@ -103,7 +140,7 @@ pub async fn propagation(args: PropagationArgs) -> anyhow::Result<()> {
         None => Config::load(std::path::Path::new(DEFAULT_CONFIG_PATH), false)?,
     };
     let rule = Rule::new(&config.propagation);
-    let mut client = crate::cri_client::connect(&args.socket).await?;
+    let mut client = super::cri_client::connect(&args.socket).await?;
     let containers = client
         .list_containers(ListContainersRequest {
             filter: Some(ContainerFilter {
@@ -160,10 +197,76 @@ pub async fn propagation(args: PropagationArgs) -> anyhow::Result<()> {
             f.container.clone(),
             f.container_path.clone(),
             f.host_path.clone(),
-            f.propagation.to_string(),
-            f.status.to_string(),
+            f.propagation.as_str().to_string(),
+            f.status.as_str().to_string(),
         ]
     }));
-    print!("{}", crate::table::render(&rows));
+    print!("{}", super::table::render(&rows));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn mount(host: &str, container: &str, propagation: MountPropagation) -> Mount {
+        Mount {
+            host_path: host.into(),
+            container_path: container.into(),
+            propagation: propagation as i32,
+            ..Mount::default()
+        }
+    }
+
+    #[test]
+    fn findings_say_what_each_covered_mount_got() {
+        let rule = Rule::new(&Config::default().propagation);
+        let labels = HashMap::from([
+            (
+                "io.kubernetes.pod.namespace".to_string(),
+                "monitoring".to_string(),
+            ),
+            (
+                "io.kubernetes.pod.name".to_string(),
+                "node-exporter".to_string(),
+            ),
+            (
+                "io.kubernetes.container.name".to_string(),
+                "exporter".to_string(),
+            ),
+        ]);
+        let annotations = HashMap::from([(
+            DECISION_ANNOTATION.to_string(),
+            "/rootfs=rslave, /var=private(host mount private)".to_string(),
+        )]);
+        let mounts = [
+            mount("/", "/rootfs", MountPropagation::PropagationHostToContainer),
+            mount("/var", "/var", MountPropagation::PropagationPrivate),
+            mount("/var/lib", "/lib", MountPropagation::PropagationPrivate),
+            mount("/", "/host", MountPropagation::PropagationHostToContainer),
+            mount("/etc", "/etc", MountPropagation::PropagationPrivate),
+            mount("/", "/shared", MountPropagation::PropagationBidirectional),
+        ];
+        let found = findings_for(&rule, &labels, &annotations, "c1", &mounts);
+        let got: Vec<_> = found
+            .iter()
+            .map(|f| (f.container_path.as_str(), f.propagation, f.status))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("/rootfs", Got::Rslave, Status::Rewritten),
+                ("/var", Got::Rprivate, Status::Fallback),
+                ("/lib", Got::Rprivate, Status::AtRisk),
+                ("/host", Got::Rslave, Status::Explicit),
+            ]
+        );
+        assert_eq!(found[0].pod, "node-exporter");
+        assert_eq!(found[0].namespace, "monitoring");
+        assert_eq!(found[0].container_id, "c1");
+        let json = serde_json::to_value(&found[2]).unwrap();
+        assert_eq!(json["status"], "at-risk");
+        assert_eq!(json["propagation"], "rprivate");
+    }
 }

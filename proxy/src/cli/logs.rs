@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use serde::Serialize;
 
 use super::cri_log;
-use super::store::{Entry, Store};
+use crate::archive::store::{Entry, Store};
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
 
 #[derive(clap::Args, Debug, Default)]
@@ -187,7 +187,7 @@ fn list(args: &LogsArgs, entries: &[Entry], out: &mut dyn Write) -> anyhow::Resu
             human_bytes(l.raw_bytes),
         ]);
     }
-    out.write_all(crate::table::render(&rows).as_bytes())?;
+    out.write_all(super::table::render(&rows).as_bytes())?;
     Ok(())
 }
 

@@ -1,0 +1,237 @@
+//! The archive's CRI handlers: one [`Interceptor`] per method the intercept table gives it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use dockhand_host::ContainerId;
+use dockhand_protos::cri::{
+    ContainerState, ContainerStatusRequest, ContainerStatusResponse, RemoveContainerRequest,
+    ReopenContainerLogRequest, StartContainerRequest,
+};
+use futures::future::BoxFuture;
+use prost::Message;
+use tonic::Code;
+use tracing::Instrument;
+
+use super::meta::meta_from_status;
+use super::staging::Linked;
+use super::{restore, Archive, Job, FINALIZE_WAIT};
+use crate::grpc::{Interceptor, Reply, UnaryCall};
+
+/// StartContainer: stage the log file.
+pub struct StartContainer(pub Arc<Archive>);
+/// ReopenContainerLog: stage the new file, archive the rotated one.
+pub struct ReopenContainerLog(pub Arc<Archive>);
+/// RemoveContainer: finalize (queued; never deletes the archive).
+pub struct RemoveContainer(pub Arc<Archive>);
+/// ContainerStatus: answer for archived containers containerd no longer knows.
+pub struct ContainerStatus(pub Arc<Archive>);
+
+impl Interceptor for StartContainer {
+    fn handle(&self, call: UnaryCall) -> BoxFuture<'_, Reply> {
+        Box::pin(start_container(&self.0, call))
+    }
+}
+
+impl Interceptor for ReopenContainerLog {
+    fn handle(&self, call: UnaryCall) -> BoxFuture<'_, Reply> {
+        Box::pin(reopen_container_log(&self.0, call))
+    }
+}
+
+impl Interceptor for RemoveContainer {
+    fn handle(&self, call: UnaryCall) -> BoxFuture<'_, Reply> {
+        Box::pin(remove_container(&self.0, call))
+    }
+}
+
+impl Interceptor for ContainerStatus {
+    fn handle(&self, call: UnaryCall) -> BoxFuture<'_, Reply> {
+        Box::pin(container_status(&self.0, call))
+    }
+}
+
+/// StartContainer: forwarded; once started, its log file is staged.
+async fn start_container(archive: &Archive, call: UnaryCall) -> Reply {
+    let reply = call.forward_unchanged().await;
+    if reply.code() != Code::Ok {
+        return reply;
+    }
+    let Some(id) = call
+        .decode::<StartContainerRequest>()
+        .ok()
+        .map(|r| r.container_id)
+    else {
+        return reply;
+    };
+    let span = tracing::info_span!("archive_stage", container_id = %id);
+    if let Err(e) = archive.stage(&id, true).instrument(span).await {
+        tracing::warn!(container_id = %id, error = %e, "container log will not be archived");
+        archive.metrics.lost(e.reason());
+    }
+    reply
+}
+
+/// ReopenContainerLog: forwarded; on success the new file is staged as the next generation
+/// and the previous one is queued for the archive.
+async fn reopen_container_log(archive: &Archive, call: UnaryCall) -> Reply {
+    let request = call.decode::<ReopenContainerLogRequest>().ok();
+    let reply = call.forward_unchanged().await;
+    let Some(id) = request.and_then(|r| ContainerId::parse(&r.container_id).ok()) else {
+        return reply;
+    };
+    if reply.code() != Code::Ok {
+        return reply;
+    }
+    let location = archive
+        .state()
+        .staged
+        .get(&id)
+        .and_then(|s| s.location.clone());
+    let Some(location) = location else {
+        return reply;
+    };
+    let staging = archive.staging.clone();
+    let linked = {
+        let id = id.clone();
+        tokio::task::spawn_blocking(move || staging.link(&id, &location, 0)).await
+    };
+    match linked {
+        Ok(Ok(Linked::New(generation))) => {
+            tracing::info!(container_id = %id, generation, "log rotated; previous generation queued");
+            archive.queue(Job::Rotated {
+                id,
+                below: generation,
+            });
+        }
+        Ok(Ok(Linked::Already(_))) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(container_id = %id, error = %e, "cannot stage the reopened log");
+            archive.metrics.lost(e.reason());
+        }
+        Err(e) => tracing::warn!(container_id = %id, error = %e, "staging task failed"),
+    }
+    reply
+}
+
+/// RemoveContainer: forwarded at once (the archive is never deleted by it); a staged
+/// container's finalization is queued.
+async fn remove_container(archive: &Archive, call: UnaryCall) -> Reply {
+    let id = call
+        .decode::<RemoveContainerRequest>()
+        .ok()
+        .and_then(|r| ContainerId::parse(&r.container_id).ok());
+    let Some(id) = id else {
+        return call.forward_unchanged().await;
+    };
+    let staged = archive.state().staged.get(&id).map(|s| s.meta.clone());
+    let Some(meta) = staged else {
+        return call.forward_unchanged().await;
+    };
+    // kubelet asked ContainerStatus right before; only other callers cost a round trip.
+    let meta = if meta.exit_code.is_some() {
+        meta
+    } else {
+        match archive.container_meta(&id).await {
+            Ok((status, _)) => meta.updated_with(&meta_from_status(&id, &status)),
+            Err(_) => meta,
+        }
+    };
+    let reply = call.forward_unchanged().await;
+    if matches!(reply.code(), Code::Ok | Code::NotFound) {
+        archive.state().pending.insert(id.clone());
+        archive.queue(Job::Finalize {
+            id,
+            meta: Some(Box::new(meta)),
+        });
+    }
+    reply
+}
+
+/// ContainerStatus: forwarded; when containerd answers NotFound for an archived container,
+/// answered with its exited status and a restored copy of its log.
+async fn container_status(archive: &Archive, call: UnaryCall) -> Reply {
+    let request = call.decode::<ContainerStatusRequest>().ok();
+    let request = request.as_ref();
+    let id = request.and_then(|r| ContainerId::parse(&r.container_id).ok());
+    let reply = call.forward_unchanged().await;
+    let Some(id) = id else {
+        return reply;
+    };
+    match reply.code() {
+        Code::Ok => {
+            remember_status(archive, &id, &reply);
+            reply
+        }
+        Code::NotFound if archive.config.serve_kubelet => match archived_status(archive, &id).await
+        {
+            Some(message) => Reply::ok(&message),
+            None => reply,
+        },
+        _ => reply,
+    }
+}
+
+/// Keeps the exited status of a staged container (kubelet asks just before removing it).
+fn remember_status(archive: &Archive, id: &ContainerId, reply: &Reply) {
+    if !archive.state().staged.contains_key(id) {
+        return;
+    }
+    let Some(status) = reply
+        .message()
+        .and_then(|m| ContainerStatusResponse::decode(m).ok())
+        .and_then(|r| r.status)
+    else {
+        return;
+    };
+    if status.state != ContainerState::ContainerExited as i32 {
+        return;
+    }
+    let meta = meta_from_status(id, &status);
+    if let Some(staged) = archive.state().staged.get_mut(id) {
+        staged.meta = staged.meta.updated_with(&meta);
+    }
+}
+
+/// The encoded ContainerStatusResponse for an archived container, if there is one.
+async fn archived_status(archive: &Archive, id: &ContainerId) -> Option<Vec<u8>> {
+    let mut progress = archive.progress.subscribe();
+    let waited = tokio::time::timeout(FINALIZE_WAIT, async {
+        while archive.state().pending.contains(id) {
+            if progress.changed().await.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+    if waited.is_err() {
+        tracing::warn!(container_id = %id, "archive of a removed container is not complete yet");
+    }
+    let entry = archive.state().archived.get(id).cloned()?;
+    if !entry.complete {
+        return None;
+    }
+    let store = archive.store.clone();
+    let root = archive.config.restored_dir.clone();
+    let restored = {
+        let id = id.clone();
+        tokio::task::spawn_blocking(move || restore::ensure(&store, &root, &id)).await
+    };
+    let path = match restored {
+        Ok(Ok(path)) => path,
+        Ok(Err(e)) => {
+            tracing::warn!(container_id = %id, error = %e, "cannot restore an archived log");
+            return None;
+        }
+        Err(e) => {
+            tracing::warn!(container_id = %id, error = %e, "restore task failed");
+            return None;
+        }
+    };
+    tracing::debug!(container_id = %id, log_path = %path.display(), "serving an archived container");
+    let response = ContainerStatusResponse {
+        status: Some(restore::exited_status(&entry, &path)),
+        info: HashMap::new(),
+    };
+    Some(response.encode_to_vec())
+}
