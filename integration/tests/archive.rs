@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use dockhand_integration::cri::{files_with_prefix, ContainerSpec, Cri, PodSpec};
-use dockhand_integration::node::{Node, NodeOptions};
+use dockhand_integration::node::{Network, Node, NodeOptions};
 use dockhand_integration::proxy::{proxy_binary, ProxyProcess};
 use dockhand_integration::read_messages;
 use dockhand_protos::cri;
@@ -145,7 +145,20 @@ const WAIT: Duration = Duration::from_secs(60);
 /// `dockhand logs` and for kubelet through ContainerStatus, even after a repeated removal.
 #[tokio::test(flavor = "multi_thread")]
 async fn job_logs_survive_kubelet_garbage_collection() -> Result<()> {
-    let node = Node::start(NodeOptions::default()).await?;
+    job_logs_survive_garbage_collection(Network::Host).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn job_logs_survive_kubelet_garbage_collection_in_cni_pods() -> Result<()> {
+    job_logs_survive_garbage_collection(Network::Cni).await
+}
+
+async fn job_logs_survive_garbage_collection(network: Network) -> Result<()> {
+    let node = Node::start(NodeOptions {
+        network,
+        ..NodeOptions::default()
+    })
+    .await?;
     let (toml, dirs) = archive_config(&node, "");
     let proxy = ProxyProcess::start(&node, &toml).await?;
     let cri = proxy.cri().await?;
