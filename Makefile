@@ -2,16 +2,17 @@
 CARGO ?= cargo
 PREFIX ?= /usr/local
 DEBIAN_PACKAGES := containerd runc busybox-static protobuf-compiler gcc libc6-dev util-linux iproute2 procps \
-	containernetworking-plugins
+	containernetworking-plugins docker-registry
 
-.PHONY: deps tools build test lint bench demo install containerd
+.PHONY: deps tools build test lint bench demo install containerd critest
 
 # Install the Debian packages the build, tests and demo need (skipped when all are present).
 deps:
 	@if dpkg -s $(DEBIAN_PACKAGES) >/dev/null 2>&1; then echo "deps: all present"; else \
 		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $(DEBIAN_PACKAGES); fi
 
-# Test peers built from pinned Go modules into target/tools/bin (crictl: a grpc-go CRI client).
+# Test peers built from pinned Go modules into target/tools/bin (crictl: a grpc-go CRI client;
+# critest: cri-tools' conformance suite, a test binary, built from tools/critest/go.mod).
 TOOLS_BIN := $(CURDIR)/target/tools/bin
 CRI_TOOLS_VERSION := v1.34.0
 tools:
@@ -19,6 +20,7 @@ tools:
 	@if [ ! -e $(TOOLS_BIN)/.cri-tools-$(CRI_TOOLS_VERSION) ]; then \
 		GOBIN=$(TOOLS_BIN) go install sigs.k8s.io/cri-tools/cmd/crictl@$(CRI_TOOLS_VERSION) && \
 		touch $(TOOLS_BIN)/.cri-tools-$(CRI_TOOLS_VERSION); fi
+	@[ -x $(TOOLS_BIN)/critest ] || (cd tools/critest && go test -c -o $(TOOLS_BIN)/critest sigs.k8s.io/cri-tools/cmd/critest)
 
 # containerd versions the integration suite runs against, each in target/containerd/<v>/bin:
 # 1.6 is Debian 12's own package; 1.7 (trixie) and 2.1 (sid) are extracted from Debian's archive
@@ -55,6 +57,16 @@ test: build tools containerd
 		else result=FAILED; failed="$$failed $$v"; fi; \
 		echo "test: containerd $$v: integration tests $$result in $$(( $$(date +%s) - start )) s"; \
 	done; [ -z "$$failed" ] || { echo "test: failed on containerd$$failed"; exit 1; }
+
+# critest straight against containerd and through dockhand (proxy + shim), on the oldest and the
+# newest containerd; the results must be equal spec by spec (skips: integration/critest-skip.txt).
+CRITEST_VERSIONS := 1.6 2.3
+critest: build tools containerd
+	@for v in $(CRITEST_VERSIONS); do \
+		start=$$(date +%s); \
+		DOCKHAND_CONTAINERD=$$v $(CURDIR)/target/debug/critest-compare || exit 1; \
+		echo "critest: containerd $$v compared in $$(( $$(date +%s) - start )) s"; \
+	done
 
 # Formatting and clippy, warnings as errors.
 lint:

@@ -332,4 +332,45 @@ mod tests {
             Some(true)
         );
     }
+
+    /// The README's config snippets for 1.7 and 2.x name the runtime table where the harness
+    /// puts it for that version (the table every shim test on that version runs through).
+    #[test]
+    fn readme_snippets_match_each_versions_dialect() {
+        let readme = std::fs::read_to_string(crate::workspace_dir().join("README.md")).unwrap();
+        let snippets: Vec<toml::Value> = readme
+            .split("```toml\n")
+            .skip(1)
+            .filter_map(|block| block.split("```").next())
+            .filter(|block| block.contains("runtime_path"))
+            .map(|block| toml::from_str(block).unwrap())
+            .collect();
+        let runc = |config: &toml::Value| -> toml::Value {
+            let plugins = &config["plugins"];
+            let runtimes = match config["version"].as_integer() {
+                Some(3) => &plugins["io.containerd.cri.v1.runtime"]["containerd"]["runtimes"],
+                _ => &plugins["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"],
+            };
+            runtimes["runc"].clone()
+        };
+        let params = ConfigParams {
+            runtime_type: "io.containerd.runc.v2",
+            runtime_path: Some(Path::new("/usr/local/bin/containerd-shim-dockhand-v2")),
+            ..ConfigParams::default()
+        };
+        let dir = Path::new("/tmp/dockhand-node-x");
+        for version in [Version::V1_7, Version::V2_1, Version::V2_3] {
+            let ours: toml::Value = toml::from_str(&config(version, dir, &params)).unwrap();
+            let snippet = snippets
+                .iter()
+                .find(|s| s["version"].as_integer() == ours["version"].as_integer())
+                .unwrap_or_else(|| panic!("no README snippet for containerd {version}"));
+            let (theirs, ours) = (runc(snippet), runc(&ours));
+            for key in ["runtime_type", "runtime_path"] {
+                assert_eq!(theirs[key], ours[key], "{version}: {key}");
+            }
+            assert!(theirs["options"].get("SystemdCgroup").is_some());
+            assert!(ours["options"].get("SystemdCgroup").is_some());
+        }
+    }
 }

@@ -9,6 +9,7 @@
 //! - `images`: the OCI image layout of the busybox and pause test images.
 //! - `containerd`: which containerd version a node runs ([`Containerd`], `DOCKHAND_CONTAINERD`)
 //!   and the config dialect of each version.
+//! - `critest`: cri-tools' critest against a node: its images, a loopback registry, reports.
 //! - `node`: [`Node`], the sandboxed containerd, and its [`NodeOptions`] (host network or CNI).
 //! - `proxy`: [`ProxyProcess`], the `dockhand proxy` binary run inside a node.
 //! - `cri`: [`Cri`], the CRI client: one helper per call, and raw calls by method path.
@@ -23,6 +24,7 @@
 pub mod cleanup;
 pub mod containerd;
 pub mod cri;
+pub mod critest;
 pub mod fake;
 pub mod fixtures;
 pub mod images;
