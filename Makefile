@@ -12,7 +12,8 @@ deps:
 		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $(DEBIAN_PACKAGES); fi
 
 # Test peers built from pinned Go modules into target/tools/bin (crictl: a grpc-go CRI client;
-# critest: cri-tools' conformance suite, a test binary, built from tools/critest/go.mod).
+# critest: cri-tools' conformance suite, a test binary, built from tools/critest/go.mod, and the
+# ginkgo CLI of the same module, which critest -parallel runs).
 TOOLS_BIN := $(CURDIR)/target/tools/bin
 CRI_TOOLS_VERSION := v1.34.0
 tools:
@@ -21,6 +22,7 @@ tools:
 		GOBIN=$(TOOLS_BIN) go install sigs.k8s.io/cri-tools/cmd/crictl@$(CRI_TOOLS_VERSION) && \
 		touch $(TOOLS_BIN)/.cri-tools-$(CRI_TOOLS_VERSION); fi
 	@[ -x $(TOOLS_BIN)/critest ] || (cd tools/critest && go test -c -o $(TOOLS_BIN)/critest sigs.k8s.io/cri-tools/cmd/critest)
+	@[ -x $(TOOLS_BIN)/ginkgo ] || (cd tools/critest && go build -o $(TOOLS_BIN)/ginkgo github.com/onsi/ginkgo/v2/ginkgo)
 
 # containerd versions the integration suite runs against, each in target/containerd/<v>/bin:
 # 1.6 is Debian 12's own package; 1.7 (trixie) and 2.1 (sid) are extracted from Debian's archive

@@ -23,6 +23,10 @@ use crate::node::{terminate, NodeInfo};
 pub const REGISTRY_ADDRESS: &str = "127.0.0.1:5000";
 /// The registries critest v1.34 names (`framework.DefaultRegistryPrefix`, `validate.registry`).
 pub const MIRRORED: [&str; 2] = ["registry.k8s.io", "gcr.io"];
+/// critest's `-parallel`: its specs mostly wait (timeouts, `Eventually`), so four ginkgo
+/// processes cut a run from ~11 to a few minutes on two cores. Needs the `ginkgo` CLI next to
+/// critest (`make tools`).
+pub const PARALLEL: u32 = 4;
 /// The skip list: one ginkgo regular expression a line, `# reason` after it.
 pub const SKIP_LIST: &str = "integration/critest-skip.txt";
 
@@ -333,8 +337,13 @@ pub fn skip_expression() -> Result<String> {
 pub fn run(node: &NodeInfo, socket: &Path, report: &Path, log: &Path) -> Result<Outcomes> {
     let endpoint = format!("unix://{}", socket.display());
     let log_file = std::fs::File::create(log)?;
+    let critest = critest_binary()?;
+    let tools = critest.parent().context("critest has no directory")?;
+    let path = std::env::var("PATH").unwrap_or_default();
     let status = node
-        .net_command(critest_binary()?)
+        .net_command(&critest)
+        .env("PATH", format!("{}:{path}", tools.display()))
+        .arg(format!("-parallel={PARALLEL}"))
         .arg(format!("-runtime-endpoint={endpoint}"))
         .arg(format!("-image-endpoint={endpoint}"))
         .arg(format!("-ginkgo.junit-report={}", report.display()))
