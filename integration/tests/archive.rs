@@ -12,7 +12,7 @@ use anyhow::{bail, ensure, Context, Result};
 use dockhand_integration::cri::{files_with_prefix, ContainerSpec, Cri, PodSpec};
 use dockhand_integration::node::{Network, Node, NodeOptions};
 use dockhand_integration::proxy::{proxy_binary, ProxyProcess};
-use dockhand_integration::read_messages;
+use dockhand_integration::{read_messages, Version};
 use dockhand_protos::cri;
 use tonic::Code;
 
@@ -236,8 +236,8 @@ async fn job_logs_survive_garbage_collection(network: Network) -> Result<()> {
     // Archived ids stay invisible everywhere else.
     let live = cri.list_containers(None).await?;
     assert!(live.iter().all(|c| !ids.contains(&c.id)), "{live:?}");
-    // StopContainer gets containerd's own answer for an id it does not know: NotFound on 1.x,
-    // OK on 2.x (StopContainer became idempotent there).
+    // StopContainer gets containerd's own answer for an id it does not know: NotFound on 1.6,
+    // OK on 1.7 and 2.x (StopContainer became idempotent there).
     let unknown = node.cri().await?.stop_container(&"0".repeat(64), 1).await;
     let stop = cri.stop_container(&ids[0], 1).await;
     assert_eq!(
@@ -245,7 +245,7 @@ async fn job_logs_survive_garbage_collection(network: Network) -> Result<()> {
         unknown.as_ref().map_err(|e| e.code()),
         "{stop:?} vs containerd's {unknown:?}"
     );
-    if !node.containerd().version.is_v2() {
+    if node.containerd().version == Version::V1_6 {
         assert_eq!(stop.unwrap_err().code(), Code::NotFound);
     }
     let reopen = cri
