@@ -1,16 +1,19 @@
 # dockhand: the one list of commands. Every target works on a fresh Debian 12 machine as root.
 CARGO ?= cargo
 PREFIX ?= /usr/local
-DEBIAN_PACKAGES := containerd runc busybox-static protobuf-compiler gcc libc6-dev util-linux iproute2 procps
+DEBIAN_PACKAGES := containerd runc busybox-static protobuf-compiler gcc libc6-dev util-linux iproute2 procps \
+	containernetworking-plugins docker-registry
 
-.PHONY: deps tools build test lint bench demo install
+.PHONY: deps tools build test lint bench demo install containerd critest
 
 # Install the Debian packages the build, tests and demo need (skipped when all are present).
 deps:
 	@if dpkg -s $(DEBIAN_PACKAGES) >/dev/null 2>&1; then echo "deps: all present"; else \
 		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $(DEBIAN_PACKAGES); fi
 
-# Test peers built from pinned Go modules into target/tools/bin (crictl: a grpc-go CRI client).
+# Test peers built from pinned Go modules into target/tools/bin (crictl: a grpc-go CRI client;
+# critest: cri-tools' conformance suite, a test binary, built from tools/critest/go.mod, and the
+# ginkgo CLI of the same module, which critest -parallel runs).
 TOOLS_BIN := $(CURDIR)/target/tools/bin
 CRI_TOOLS_VERSION := v1.34.0
 tools:
@@ -18,16 +21,54 @@ tools:
 	@if [ ! -e $(TOOLS_BIN)/.cri-tools-$(CRI_TOOLS_VERSION) ]; then \
 		GOBIN=$(TOOLS_BIN) go install sigs.k8s.io/cri-tools/cmd/crictl@$(CRI_TOOLS_VERSION) && \
 		touch $(TOOLS_BIN)/.cri-tools-$(CRI_TOOLS_VERSION); fi
+	@[ -x $(TOOLS_BIN)/critest ] || (cd tools/critest && go test -c -o $(TOOLS_BIN)/critest sigs.k8s.io/cri-tools/cmd/critest)
+	@[ -x $(TOOLS_BIN)/ginkgo ] || (cd tools/critest && go build -o $(TOOLS_BIN)/ginkgo github.com/onsi/ginkgo/v2/ginkgo)
+
+# containerd versions the integration suite runs against, each in target/containerd/<v>/bin:
+# 1.6 is Debian 12's own package; 1.7 (trixie) and 2.1 (sid) are extracted from Debian's archive
+# with apt lists of their own (the system's sources and containerd stay as they are); 2.3 is built
+# from its Go module (tools/go.mod). Every version keeps Debian 12's runc 1.1.5.
+CONTAINERD_VERSIONS := 1.6 1.7 2.1 2.3
+CONTAINERD_DIR := $(CURDIR)/target/containerd
+containerd: $(addprefix containerd-,$(CONTAINERD_VERSIONS))
+containerd-1.6: deps
+containerd-1.7:
+	@[ -x $(CONTAINERD_DIR)/1.7/bin/containerd ] || \
+		tools/debian-containerd.sh trixie 1.7.24~ds1-6+deb13u1 $(CONTAINERD_DIR)/1.7
+containerd-2.1:
+	@[ -x $(CONTAINERD_DIR)/2.1/bin/containerd ] || \
+		tools/debian-containerd.sh sid 2.1.9+ds1-5 $(CONTAINERD_DIR)/2.1
+containerd-2.3:
+	@[ -x $(CONTAINERD_DIR)/2.3/bin/containerd ] || (cd tools && go build -tags 'no_btrfs no_zfs' \
+		-o $(CONTAINERD_DIR)/2.3/bin/ github.com/containerd/containerd/v2/cmd/containerd \
+		github.com/containerd/containerd/v2/cmd/ctr github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2)
 
 # Build every binary (dockhand, containerd-shim-dockhand-v2, the demo).
 build: deps
 	$(CARGO) build --workspace --bins
 
-# Unit tests and integration tests against a real containerd started by the harness.
-test: build tools
-	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
-		$(CARGO) nextest run --workspace --no-fail-fast; \
-	else $(CARGO) test --workspace --no-fail-fast; fi
+# Unit tests once, then the integration tests (against a real containerd started by the harness)
+# once per containerd version, each run timed; every version runs even if one fails.
+TEST_RUN = if $(CARGO) nextest --version >/dev/null 2>&1; then $(CARGO) nextest run --no-fail-fast $(1); \
+	else $(CARGO) test --no-fail-fast $(1); fi
+test: build tools containerd
+	@$(call TEST_RUN,--workspace --exclude dockhand-integration)
+	@failed=; for v in $(CONTAINERD_VERSIONS); do \
+		start=$$(date +%s); \
+		if DOCKHAND_CONTAINERD=$$v sh -c '$(call TEST_RUN,-p dockhand-integration)'; then result=passed; \
+		else result=FAILED; failed="$$failed $$v"; fi; \
+		echo "test: containerd $$v: integration tests $$result in $$(( $$(date +%s) - start )) s"; \
+	done; [ -z "$$failed" ] || { echo "test: failed on containerd$$failed"; exit 1; }
+
+# critest straight against containerd and through dockhand (proxy + shim), on the oldest and the
+# newest containerd; the results must be equal spec by spec (skips: integration/critest-skip.txt).
+CRITEST_VERSIONS := 1.6 2.3
+critest: build tools containerd
+	@for v in $(CRITEST_VERSIONS); do \
+		start=$$(date +%s); \
+		DOCKHAND_CONTAINERD=$$v $(CURDIR)/target/debug/critest-compare || exit 1; \
+		echo "critest: containerd $$v compared in $$(( $$(date +%s) - start )) s"; \
+	done
 
 # Formatting and clippy, warnings as errors.
 lint:

@@ -15,22 +15,23 @@ pub const BUSYBOX_IMAGE: &str = "docker.io/dockhand/busybox:test";
 /// The pause image: `/pause` as entrypoint. containerd's `sandbox_image` in every [`crate::Node`].
 pub const PAUSE_IMAGE: &str = "docker.io/dockhand/pause:test";
 
-const PATH_ENV: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub(crate) const PATH_ENV: &str =
+    "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 const LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar";
 const CONFIG_MEDIA_TYPE: &str = "application/vnd.oci.image.config.v1+json";
-const MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
+pub(crate) const MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
 
 /// One file of an image layer.
-enum Entry {
+pub(crate) enum Entry {
     Dir { mode: u32 },
     File { mode: u32, data: Vec<u8> },
     HardLink { target: String },
 }
 
 /// A content-addressed blob and its descriptor.
-struct Blob {
-    digest: String,
-    data: Vec<u8>,
+pub(crate) struct Blob {
+    pub(crate) digest: String,
+    pub(crate) data: Vec<u8>,
 }
 
 impl Blob {
@@ -47,8 +48,9 @@ impl Blob {
 }
 
 /// An image: its blobs (layers, config, manifest) and the manifest's index entry.
-struct Image {
-    blobs: Vec<Blob>,
+pub(crate) struct Image {
+    /// Layers, then the config, then the manifest.
+    pub(crate) blobs: Vec<Blob>,
     index_entry: Value,
 }
 
@@ -56,7 +58,7 @@ struct Image {
 pub fn write_image_archive(busybox: &Path, pause: &Path, out: &Path) -> Result<()> {
     let busybox_image = image(
         BUSYBOX_IMAGE,
-        busybox_layer(busybox)?,
+        vec![busybox_layer(busybox)?],
         json!({ "Env": [PATH_ENV], "Cmd": ["sh"] }),
     )?;
     let pause_data = std::fs::read(pause).with_context(|| format!("read {}", pause.display()))?;
@@ -69,7 +71,7 @@ pub fn write_image_archive(busybox: &Path, pause: &Path, out: &Path) -> Result<(
     )];
     let pause_image = image(
         PAUSE_IMAGE,
-        pause_layer.into_iter().collect(),
+        vec![pause_layer.into_iter().collect()],
         json!({ "Env": [PATH_ENV], "Entrypoint": ["/pause"] }),
     )?;
 
@@ -100,7 +102,7 @@ pub fn write_image_archive(busybox: &Path, pause: &Path, out: &Path) -> Result<(
 }
 
 /// The busybox layer: `/bin/busybox`, its applets as hard links, and the usual empty directories.
-fn busybox_layer(busybox: &Path) -> Result<BTreeMap<String, Entry>> {
+pub(crate) fn busybox_layer(busybox: &Path) -> Result<BTreeMap<String, Entry>> {
     let data = std::fs::read(busybox).with_context(|| format!("read {}", busybox.display()))?;
     let list = Command::new(busybox)
         .arg("--list")
@@ -133,22 +135,30 @@ fn busybox_layer(busybox: &Path) -> Result<BTreeMap<String, Entry>> {
     Ok(entries)
 }
 
-/// Builds the layer tar, config and manifest of a one-layer image named `name`.
-fn image(name: &str, layer: BTreeMap<String, Entry>, config: Value) -> Result<Image> {
-    let layer = Blob::new(layer_tar(&layer)?);
+/// Builds the layer tars, config and manifest of an image named `name`.
+pub(crate) fn image(
+    name: &str,
+    layers: Vec<BTreeMap<String, Entry>>,
+    config: Value,
+) -> Result<Image> {
+    let layers = layers
+        .iter()
+        .map(|layer| Ok(Blob::new(layer_tar(layer)?)))
+        .collect::<Result<Vec<Blob>>>()?;
+    let diff_ids: Vec<&str> = layers.iter().map(|l| l.digest.as_str()).collect();
     let config = Blob::new(serde_json::to_vec(&json!({
         "architecture": "amd64",
         "os": "linux",
         "created": "1970-01-01T00:00:00Z",
         "config": config,
-        "rootfs": { "type": "layers", "diff_ids": [layer.digest] },
+        "rootfs": { "type": "layers", "diff_ids": diff_ids },
         "history": [{ "created": "1970-01-01T00:00:00Z", "created_by": "dockhand-integration" }],
     }))?);
     let manifest = Blob::new(serde_json::to_vec(&json!({
         "schemaVersion": 2,
         "mediaType": MANIFEST_MEDIA_TYPE,
         "config": config.descriptor(CONFIG_MEDIA_TYPE),
-        "layers": [layer.descriptor(LAYER_MEDIA_TYPE)],
+        "layers": layers.iter().map(|l| l.descriptor(LAYER_MEDIA_TYPE)).collect::<Vec<_>>(),
     }))?);
     let mut index_entry = manifest.descriptor(MANIFEST_MEDIA_TYPE);
     index_entry["platform"] = json!({ "architecture": "amd64", "os": "linux" });
@@ -156,10 +166,9 @@ fn image(name: &str, layer: BTreeMap<String, Entry>, config: Value) -> Result<Im
         "org.opencontainers.image.ref.name": name,
         "io.containerd.image.name": name,
     });
-    Ok(Image {
-        blobs: vec![layer, config, manifest],
-        index_entry,
-    })
+    let mut blobs = layers;
+    blobs.extend([config, manifest]);
+    Ok(Image { blobs, index_entry })
 }
 
 fn layer_tar(entries: &BTreeMap<String, Entry>) -> Result<Vec<u8>> {

@@ -13,6 +13,7 @@ use tonic::Status;
 
 use crate::cri::Cri;
 use crate::images::{hex, BUSYBOX_IMAGE};
+use crate::node::Network;
 
 /// The paths kubelet masks for a container with the default `procMount`.
 const MASKED_PATHS: &[&str] = &[
@@ -119,7 +120,8 @@ pub struct Pod {
 }
 
 impl Cri {
-    /// The sandbox config kubelet would send for `spec`: host network, no hostname.
+    /// The sandbox config kubelet would send for `spec`: host network and no hostname, or on a CNI
+    /// node the pod's own network with the pod's name as hostname.
     pub fn pod_config(&self, spec: &PodSpec) -> cri::PodSandboxConfig {
         let mut labels = spec.labels.clone();
         labels.insert("io.kubernetes.pod.name".into(), spec.name.clone());
@@ -139,6 +141,10 @@ impl Cri {
                 namespace: spec.namespace.clone(),
                 attempt: spec.attempt,
             }),
+            hostname: match self.node().network {
+                Network::Host => String::new(),
+                Network::Cni => spec.name.clone(),
+            },
             log_directory: spec
                 .log_directory(&self.node().logs_root)
                 .to_string_lossy()
@@ -148,7 +154,7 @@ impl Cri {
             linux: Some(cri::LinuxPodSandboxConfig {
                 cgroup_parent,
                 security_context: Some(cri::LinuxSandboxSecurityContext {
-                    namespace_options: Some(host_network()),
+                    namespace_options: Some(namespaces(self.node().network)),
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -222,7 +228,7 @@ impl Cri {
                     ..Default::default()
                 }),
                 security_context: Some(cri::LinuxContainerSecurityContext {
-                    namespace_options: Some(host_network()),
+                    namespace_options: Some(namespaces(self.node().network)),
                     masked_paths: MASKED_PATHS.iter().map(|s| s.to_string()).collect(),
                     readonly_paths: READONLY_PATHS.iter().map(|s| s.to_string()).collect(),
                     ..Default::default()
@@ -300,11 +306,15 @@ fn rfc3339_now() -> String {
     crate::logs::format_rfc3339(now.as_secs() as i64, now.subsec_nanos())
 }
 
-/// The namespaces kubelet asks for in a host-network pod, for the sandbox and each container
-/// alike: the node's network, a pid namespace per container, the pod's IPC.
-fn host_network() -> cri::NamespaceOption {
+/// The namespaces kubelet asks for, for the sandbox and each container alike: the node's network
+/// (host-network pods) or the pod's (CNI), a pid namespace per container, the pod's IPC.
+fn namespaces(network: Network) -> cri::NamespaceOption {
+    let network = match network {
+        Network::Host => cri::NamespaceMode::Node,
+        Network::Cni => cri::NamespaceMode::Pod,
+    };
     cri::NamespaceOption {
-        network: cri::NamespaceMode::Node as i32,
+        network: network as i32,
         pid: cri::NamespaceMode::Container as i32,
         ipc: cri::NamespaceMode::Pod as i32,
         ..Default::default()

@@ -7,7 +7,10 @@
 //! - `fixtures`: the pause binary and the image tarball, built from the repo and cached under
 //!   `<target>/dockhand-fixtures/`.
 //! - `images`: the OCI image layout of the busybox and pause test images.
-//! - `node`: [`Node`], the sandboxed containerd, and its [`NodeOptions`].
+//! - `containerd`: which containerd version a node runs ([`Containerd`], `DOCKHAND_CONTAINERD`)
+//!   and the config dialect of each version.
+//! - `critest`: cri-tools' critest against a node: its images, a loopback registry, reports.
+//! - `node`: [`Node`], the sandboxed containerd, and its [`NodeOptions`] (host network or CNI).
 //! - `proxy`: [`ProxyProcess`], the `dockhand proxy` binary run inside a node.
 //! - `cri`: [`Cri`], the CRI client: one helper per call, and raw calls by method path.
 //! - `kubelet`: [`PodSpec`] and [`ContainerSpec`], the configs kubelet would send for them, and
@@ -19,7 +22,9 @@
 #![forbid(unsafe_code)]
 
 pub mod cleanup;
+pub mod containerd;
 pub mod cri;
+pub mod critest;
 pub mod fake;
 pub mod fixtures;
 pub mod images;
@@ -29,10 +34,11 @@ pub mod node;
 pub mod proxy;
 pub mod transcript;
 
+pub use containerd::{Containerd, Version};
 pub use cri::{ContainerSpec, Cri, Pod, PodSpec};
 pub use dockhand_protos::cri as api;
 pub use fixtures::{fixtures, target_dir, workspace_dir, Fixtures};
 pub use images::{BUSYBOX_IMAGE, PAUSE_IMAGE};
 pub use logs::{read_log, read_messages, LogLine};
-pub use node::{Node, NodeInfo, NodeOptions, RootPropagation};
+pub use node::{Network, Node, NodeInfo, NodeOptions, RootPropagation};
 pub use proxy::{proxy_binary, ProxyProcess};

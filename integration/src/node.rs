@@ -14,6 +14,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use sha2::{Digest, Sha256};
 
 use crate::cleanup;
+use crate::containerd::{self, ConfigParams, Containerd};
 use crate::cri::Cri;
 use crate::fixtures::fixtures;
 use crate::images::{hex, BUSYBOX_IMAGE, PAUSE_IMAGE};
@@ -33,6 +34,23 @@ pub enum RootPropagation {
     Private,
 }
 
+/// The network a node's pods get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Network {
+    /// Host-network pods; containerd in the host's network namespace (no CNI at all).
+    #[default]
+    Host,
+    /// Pods with a network of their own through CNI (Debian's `containernetworking-plugins`:
+    /// bridge, host-local, loopback), containerd in a network namespace of the test's own so the
+    /// bridge never touches the host's network. containerd binds each pod's namespace at
+    /// `/run/netns/cni-<id>` (nsfs mounts, as on any node with such pods); `/run/netns` is a
+    /// tmpfs of the node's own mount namespace.
+    Cni,
+}
+
+/// Where Debian's `containernetworking-plugins` puts the plugins.
+const CNI_PLUGINS: &str = "/usr/lib/cni";
+
 /// How to start a [`Node`].
 #[derive(Debug, Clone)]
 pub struct NodeOptions {
@@ -48,6 +66,9 @@ pub struct NodeOptions {
     pub runtime_path: Option<PathBuf>,
     /// TOML appended to the generated containerd config (extra tables only).
     pub extra_config: String,
+    pub network: Network,
+    /// containerd's registry `config_path` (a `hosts.toml` tree, e.g. a loopback mirror).
+    pub registry_config_path: Option<PathBuf>,
 }
 
 impl Default for NodeOptions {
@@ -57,6 +78,8 @@ impl Default for NodeOptions {
             runtime_type: "io.containerd.runc.v2".into(),
             runtime_path: None,
             extra_config: String::new(),
+            network: Network::Host,
+            registry_config_path: None,
         }
     }
 }
@@ -72,6 +95,10 @@ pub struct NodeInfo {
     pub cgroup_root: String,
     /// The node's temp directory.
     pub temp_dir: PathBuf,
+    /// The network the node's pods get.
+    pub network: Network,
+    /// The containerd the node runs.
+    pub containerd: &'static Containerd,
     pid: Arc<AtomicU32>,
 }
 
@@ -92,6 +119,18 @@ impl NodeInfo {
             .arg(program);
         command
     }
+
+    /// A command that runs `program` inside containerd's mount and network namespaces (for
+    /// clients of a CNI node's pods and of its loopback).
+    pub fn net_command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut command = Command::new("nsenter");
+        command
+            .arg("-t")
+            .arg(self.pid().to_string())
+            .args(["-m", "-n", "--"])
+            .arg(program);
+        command
+    }
 }
 
 /// A containerd started by the test, see the module documentation.
@@ -107,6 +146,7 @@ impl Node {
     /// Starts containerd, waits for CRI to answer and imports the test images.
     pub async fn start(options: NodeOptions) -> Result<Node> {
         let fixtures = fixtures()?;
+        let containerd = Containerd::selected()?;
         reap_abandoned_nodes();
         let dir = tempfile::Builder::new()
             .prefix(DIR_PREFIX)
@@ -117,7 +157,11 @@ impl Node {
         ] {
             std::fs::create_dir_all(path.join(sub))?;
         }
-        if let Some(shim) = &options.runtime_path {
+        let shim_in_path = options
+            .runtime_path
+            .as_ref()
+            .filter(|_| !containerd.version.honours_runtime_path());
+        if let Some(shim) = shim_in_path {
             let script = path
                 .join("shim-bin")
                 .join(shim_binary_name(&options.runtime_type)?);
@@ -138,9 +182,21 @@ impl Node {
             logs_root: path.join("pods"),
             cgroup_root: format!("/{cgroup_top}/kubepods"),
             temp_dir: path.clone(),
+            network: options.network,
+            containerd,
             pid: Arc::new(AtomicU32::new(0)),
         };
-        std::fs::write(path.join("config.toml"), config(&path, &options))?;
+        if options.network == Network::Cni {
+            install_cni(&path)?;
+        }
+        let params = ConfigParams {
+            runtime_type: &options.runtime_type,
+            runtime_path: options.runtime_path.as_deref(),
+            registry_config_path: options.registry_config_path.as_deref(),
+            extra: &options.extra_config,
+        };
+        let config = containerd::config(containerd.version, &path, &params);
+        std::fs::write(path.join("config.toml"), config)?;
         let mut node = Node {
             options,
             info,
@@ -165,18 +221,32 @@ impl Node {
             RootPropagation::Shared => "--make-rshared",
             RootPropagation::Private => "--make-rprivate",
         };
-        let script = format!(
-            "mount {make} / && exec containerd --config '{}'",
+        let containerd = self.info.containerd;
+        let mut script = format!("mount {make} /");
+        let mut unshare = vec!["-m"];
+        if self.options.network == Network::Cni {
+            // The pod namespaces' bind mounts go to a /run/netns of this mount namespace only
+            // (the empty directory is all the host sees, as on any node that ever ran `ip netns`).
+            script.push_str(
+                " && ip link set lo up && mkdir -p /run/netns \
+                 && mount -t tmpfs -o mode=0755 dockhand-netns /run/netns",
+            );
+            unshare.push("-n");
+        }
+        script.push_str(&format!(
+            " && exec '{}' --config '{}'",
+            containerd.binary("containerd").display(),
             self.temp_dir().join("config.toml").display()
-        );
+        ));
+        // The version's own shims come first; on 1.6 dockhand's shim wrapper before them.
+        let mut path = format!("{}:{}", containerd.bin_dir.display(), host_path());
+        if !containerd.version.honours_runtime_path() {
+            path = format!("{}:{path}", self.temp_dir().join("shim-bin").display());
+        }
         // unshare and sh exec without forking: the child's pid is containerd's.
-        let path = format!(
-            "{}:{}",
-            self.temp_dir().join("shim-bin").display(),
-            host_path()
-        );
         let child = Command::new("unshare")
-            .args(["-m", "--propagation", "unchanged", "sh", "-c", &script])
+            .args(unshare)
+            .args(["--propagation", "unchanged", "sh", "-c", &script])
             .env("PATH", path)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -228,7 +298,7 @@ impl Node {
     }
 
     async fn import(&self, archive: &Path) -> Result<()> {
-        let output = tokio::process::Command::new("ctr")
+        let output = tokio::process::Command::new(self.info.containerd.binary("ctr"))
             .arg("-a")
             .arg(&self.info.containerd_socket)
             .args(["-n", "k8s.io", "images", "import"])
@@ -266,6 +336,11 @@ impl Node {
 
     pub fn info(&self) -> &NodeInfo {
         &self.info
+    }
+
+    /// The containerd this node runs.
+    pub fn containerd(&self) -> &'static Containerd {
+        self.info.containerd
     }
 
     pub fn containerd_socket(&self) -> &Path {
@@ -386,6 +461,44 @@ fn shim_sockets(dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
+/// The CNI plugins and a bridge network of the node's own: `<dir>/cni/bin` links to Debian's
+/// plugins, `<dir>/cni/conf/10-dockhand.conflist`, IP leases under `<dir>/cni/ipam`.
+fn install_cni(dir: &Path) -> Result<()> {
+    for plugin in ["bridge", "host-local", "loopback", "portmap"] {
+        let source = Path::new(CNI_PLUGINS).join(plugin);
+        if !source.is_file() {
+            bail!(
+                "{} missing: apt-get install containernetworking-plugins",
+                source.display()
+            );
+        }
+        std::os::unix::fs::symlink(&source, dir.join("cni/bin").join(plugin))?;
+    }
+    let conflist = serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": "dockhand-test",
+        "plugins": [
+            {
+                "type": "bridge",
+                "bridge": "dockhand0",
+                "isGateway": true,
+                "ipMasq": false,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{ "subnet": "10.88.0.0/16" }]],
+                    "routes": [{ "dst": "0.0.0.0/0" }],
+                    "dataDir": dir.join("cni/ipam"),
+                },
+            },
+        ],
+    });
+    std::fs::write(
+        dir.join("cni/conf/10-dockhand.conflist"),
+        serde_json::to_vec_pretty(&conflist)?,
+    )?;
+    Ok(())
+}
+
 /// `<pid> <start time>` of a live process: who owns a node directory (pids get reused).
 fn owner_id(pid: u32) -> Option<String> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -444,71 +557,6 @@ pub(crate) fn terminate(child: &mut Child, grace: Duration) {
     }
     let _ = child.kill();
     let _ = child.wait();
-}
-
-/// containerd's config: everything inside `dir`, CRI for host-network pods on cgroupfs.
-fn config(dir: &Path, options: &NodeOptions) -> String {
-    let d = dir.display();
-    let runtime_path = match &options.runtime_path {
-        Some(path) => format!("runtime_path = \"{}\"", path.display()),
-        None => String::new(),
-    };
-    let runtime_type = &options.runtime_type;
-    let extra = &options.extra_config;
-    format!(
-        r#"version = 2
-root = "{d}/root"
-state = "{d}/state"
-disabled_plugins = [
-  "io.containerd.snapshotter.v1.aufs",
-  "io.containerd.snapshotter.v1.btrfs",
-  "io.containerd.snapshotter.v1.zfs",
-  "io.containerd.snapshotter.v1.devmapper",
-  "io.containerd.tracing.processor.v1.otlp",
-  "io.containerd.internal.v1.tracing",
-]
-
-[grpc]
-  address = "{d}/containerd.sock"
-
-[ttrpc]
-  address = "{d}/containerd.sock.ttrpc"
-
-[debug]
-  address = ""
-  level = "info"
-
-[metrics]
-  address = ""
-
-[plugins."io.containerd.internal.v1.opt"]
-  path = "{d}/opt"
-
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "{PAUSE_IMAGE}"
-  restrict_oom_score_adj = true
-  stream_server_address = "127.0.0.1"
-  stream_server_port = "0"
-
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "overlayfs"
-    default_runtime_name = "runc"
-
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-      runtime_type = "{runtime_type}"
-      {runtime_path}
-
-      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
-        SystemdCgroup = false
-        Root = "{d}/runc"
-
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "{d}/cni/bin"
-    conf_dir = "{d}/cni/conf"
-
-{extra}
-"#
-    )
 }
 
 #[cfg(test)]
@@ -582,8 +630,9 @@ mod tests {
             &shim,
             format!(
                 "#!/bin/sh\ncase \"$PATH\" in *shim-bin*) echo PATH leaked >> {0}; exit 1;; esac\n\
-                 echo \"$@\" >> {0}\nexec /usr/bin/containerd-shim-runc-v2 \"$@\"\n",
-                calls.display()
+                 echo \"$@\" >> {0}\nexec '{1}' \"$@\"\n",
+                calls.display(),
+                Containerd::selected().unwrap().stock_shim().display()
             ),
         )
         .unwrap();
@@ -614,6 +663,84 @@ mod tests {
             .map(str::to_string)
             .unwrap();
         assert!(!root_line.contains("shared:"), "{root_line}");
+    }
+
+    /// The node runs the containerd `DOCKHAND_CONTAINERD` names, and CRI says so.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn node_runs_the_selected_containerd() {
+        let node = Node::start(NodeOptions::default()).await.unwrap();
+        let version = node.cri().await.unwrap().version().await.unwrap();
+        let selected = Containerd::selected().unwrap();
+        assert_eq!(version.runtime_name, "containerd");
+        assert!(
+            version
+                .runtime_version
+                .trim_start_matches('v')
+                .starts_with(&format!("{}.", selected.version)),
+            "CRI says {version:?}, the harness asked for {}",
+            selected.version
+        );
+    }
+
+    /// A CNI node: the pod has an address of its own on the node's bridge, containerd bound its
+    /// network namespace under `/run/netns` (an nsfs line in the node's mount table), and the
+    /// host's network and mount table see none of it.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn cni_pods_get_their_own_network_inside_the_node_only() {
+        let node = Node::start(NodeOptions {
+            network: Network::Cni,
+            ..NodeOptions::default()
+        })
+        .await
+        .unwrap();
+        let cri = node.cri().await.unwrap();
+        let pod = cri.run_pod(&PodSpec::new("cni")).await.unwrap();
+        let id = cri
+            .run_container(&pod, &ContainerSpec::sleeper("sleeper"))
+            .await
+            .unwrap();
+        let out = cri
+            .exec_sync(&id, &["sh", "-c", "ip -4 addr show eth0; hostname"], 10)
+            .await
+            .unwrap();
+        let inside = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(inside.contains("inet 10.88."), "{inside}");
+        assert!(inside.ends_with("cni\n"), "hostname is the pod's: {inside}");
+        let status = cri
+            .pod_status(&pod.id, false)
+            .await
+            .unwrap()
+            .status
+            .unwrap();
+        let ip = status.network.unwrap().ip;
+        assert!(ip.starts_with("10.88."), "{ip}");
+        // The pod answers on its address from containerd's network namespace.
+        let ping = node
+            .info()
+            .net_command("busybox")
+            .args(["ping", "-c", "1", "-W", "5", &ip])
+            .output()
+            .unwrap();
+        assert!(ping.status.success(), "{ping:?}");
+
+        let mountinfo = node
+            .ns_command("cat")
+            .arg("/proc/self/mountinfo")
+            .output()
+            .unwrap();
+        let table = String::from_utf8_lossy(&mountinfo.stdout).into_owned();
+        let nsfs = table
+            .lines()
+            .find(|l| l.contains(" /run/netns/cni-") && l.contains(" - nsfs "))
+            .unwrap_or_else(|| panic!("no /run/netns/cni-* nsfs mount:\n{table}"));
+        assert!(
+            nsfs.split(' ').nth(3).unwrap().starts_with("net:["),
+            "{nsfs}"
+        );
+        let host_table = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(!host_table.contains("/run/netns/cni-"), "{host_table}");
+        let host_links = Command::new("ip").args(["link", "show"]).output().unwrap();
+        assert!(!String::from_utf8_lossy(&host_links.stdout).contains("dockhand0"));
     }
 
     /// A node whose test process died without dropping it is torn down by the next start.

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use dockhand_integration::cri::{ContainerSpec, Cri, Pod, PodSpec};
-use dockhand_integration::node::{Node, NodeOptions, RootPropagation};
+use dockhand_integration::node::{Network, Node, NodeOptions, RootPropagation};
 use dockhand_integration::proxy::{http_get, proxy_binary, ProxyProcess};
 use dockhand_protos::cri::{self, MountPropagation};
 
@@ -80,7 +80,22 @@ async fn decision(cri: &Cri, id: &str) -> Result<Option<String>> {
 
 #[tokio::test]
 async fn rootfs_sees_later_host_mounts_through_the_proxy_only() -> Result<()> {
-    let node = Node::start(NodeOptions::default()).await?;
+    rootfs_sees_later_host_mounts(Network::Host).await
+}
+
+/// The same with CNI pods: the node's mount table then has `/run/netns/cni-*` nsfs lines, whose
+/// root field (`net:[4026532184]`) is not a path; the rule must still apply.
+#[tokio::test]
+async fn rootfs_sees_later_host_mounts_through_the_proxy_only_in_cni_pods() -> Result<()> {
+    rootfs_sees_later_host_mounts(Network::Cni).await
+}
+
+async fn rootfs_sees_later_host_mounts(network: Network) -> Result<()> {
+    let node = Node::start(NodeOptions {
+        network,
+        ..NodeOptions::default()
+    })
+    .await?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();

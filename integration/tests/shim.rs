@@ -12,7 +12,8 @@ use dockhand_host::record::{self, Driver, Placement, QosClass, Source, State};
 use dockhand_integration::api;
 use dockhand_integration::cleanup::{alive, processes_mentioning, signal, wait_gone};
 use dockhand_integration::{
-    read_messages, target_dir, workspace_dir, ContainerSpec, Cri, Node, NodeOptions, Pod, PodSpec,
+    read_messages, target_dir, workspace_dir, ContainerSpec, Cri, Network, Node, NodeOptions, Pod,
+    PodSpec,
 };
 
 const SHIM: &str = "containerd-shim-dockhand-v2";
@@ -76,8 +77,13 @@ fn cmdline(pid: u32) -> String {
 }
 
 async fn node_with(shim: Option<&ShimInstall>) -> Result<Node> {
+    node_on(shim, Network::Host).await
+}
+
+async fn node_on(shim: Option<&ShimInstall>, network: Network) -> Result<Node> {
     Node::start(NodeOptions {
         runtime_path: shim.map(ShimInstall::binary),
+        network,
         ..NodeOptions::default()
     })
     .await
@@ -205,14 +211,23 @@ fn proc_memory_dir(pid: u32) -> Result<PathBuf> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn records_match_proc_and_containers_behave_as_with_the_stock_shim() {
+    records_match_proc_and_behave_as_stock(Network::Host).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn records_match_proc_and_containers_behave_as_with_the_stock_shim_in_cni_pods() {
+    records_match_proc_and_behave_as_stock(Network::Cni).await
+}
+
+async fn records_match_proc_and_behave_as_stock(network: Network) {
     let shim = ShimInstall::new().unwrap();
     let records = shim.records();
 
-    let stock_node = node_with(None).await.unwrap();
+    let stock_node = node_on(None, network).await.unwrap();
     let stock = scenario(&stock_node, |_, _, _, _| Ok(())).await.unwrap();
     drop(stock_node);
 
-    let node = node_with(Some(&shim)).await.unwrap();
+    let node = node_on(Some(&shim), network).await.unwrap();
     let mut checked = Vec::new();
     let mut sockets = None;
     let cgroup_root = node.cgroup_root().to_string();
