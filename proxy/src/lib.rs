@@ -15,7 +15,8 @@
 //! - `placement`: the shim's cgroup record in verbose ContainerStatus.
 //! - `cgroups`: `dockhand cgroups`, where each container sits in the cgroup tree.
 //! - `audit`: `dockhand audit propagation`.
-//! - `check`: `dockhand check`, a node-problem-detector plugin.
+//! - `cli`: command-line subcommands (`cli::check`: `dockhand check`, node-problem-detector
+//!   plugins and the proxy's background checker).
 //! - `archive`: the container log archive (StartContainer to RemoveContainer, `dockhand logs`).
 //! - `cri_client`: a CRI client over a unix socket for the command line.
 //! - `table`: aligned text tables for the command line.
@@ -24,7 +25,7 @@
 pub mod archive;
 pub mod audit;
 pub mod cgroups;
-pub mod check;
+pub mod cli;
 pub mod config;
 pub mod cri_client;
 pub mod grpc;

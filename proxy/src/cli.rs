@@ -1,0 +1,3 @@
+//! The `dockhand` command line's subcommands.
+
+pub mod check;
