@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use dockhand_integration::cleanup;
 use dockhand_integration::cri::{ContainerSpec, Cri, Pod, PodSpec};
+use dockhand_integration::fixtures::workspace_dir;
 use dockhand_integration::node::{Node, NodeOptions};
-use dockhand_integration::proxy::{http_get, proxy_binary, ProxyProcess};
+use dockhand_integration::proxy::{archive_toml, http_get, proxy_binary, ProxyProcess};
 use dockhand_protos::cri;
 
 /// node-problem-detector's defaults: `max_output_length` and the rule timeout.
@@ -80,6 +81,8 @@ fn run(mut command: Command, args: &[&OsStr]) -> Result<Run> {
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         elapsed: started.elapsed(),
     };
+    // Shown with --nocapture: what each check printed.
+    eprintln!("$ dockhand check {args:?}\n{run}");
     assert_npd_contract(&run);
     Ok(run)
 }
@@ -113,6 +116,23 @@ fn check_config(node: &Node, socket: &Path, extra: &str) -> Result<PathBuf> {
         ),
     )?;
     Ok(path)
+}
+
+/// The proxy's `metrics_address` and `[check]` table for tests: the background checker every
+/// `interval` seconds, kubelet's directory and the state file in the node's temp dir.
+fn proxy_check_toml(node: &Node, port: u16, interval: u64) -> String {
+    format!(
+        "metrics_address = \"127.0.0.1:{port}\"\n[check]\ninterval_seconds = {interval}\n\
+         kubelet_dir = \"{}\"\nstate_file = \"{}\"\n",
+        kubelet_dir(node).display(),
+        node.temp_dir().join("check-state").display()
+    )
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 fn kubelet_dir(node: &Node) -> PathBuf {
@@ -189,7 +209,23 @@ async fn runtime_reports_ok_then_each_failure_within_the_deadline() -> Result<()
     let ok = runtime("2")?;
     assert_eq!(ok.code, Some(0), "{ok}");
     assert!(ok.line().starts_with("runtime: containerd "), "{ok}");
-    assert!(ok.line().contains("ready; via dockhand"), "{ok}");
+    assert!(ok.line().contains(" ready; dockhand "), "{ok}");
+    // This node has no CNI config: a note, or a problem when the operator requires a network.
+    assert!(ok.stderr.contains("ok: NetworkReady false"), "{ok}");
+    let strict = run(
+        Command::new(proxy_binary()?),
+        &[
+            "runtime".as_ref(),
+            "--require-network".as_ref(),
+            "--config".as_ref(),
+            config.as_os_str(),
+        ],
+    )?;
+    assert_eq!(strict.code, Some(1), "{strict}");
+    assert!(
+        strict.line().starts_with("runtime: NetworkReady false"),
+        "{strict}"
+    );
 
     node.stop_containerd().await?;
     let down = runtime("2")?;
@@ -407,22 +443,10 @@ async fn mount_that_never_answers_is_unknown_within_the_deadline_and_leaves_no_p
 #[tokio::test]
 async fn every_check_keeps_the_npd_contract_and_the_proxy_serves_the_results() -> Result<()> {
     let node = Node::start(NodeOptions::default()).await?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let proxy = ProxyProcess::start(
-        &node,
-        &format!(
-            "metrics_address = \"127.0.0.1:{port}\"\n[check]\ninterval_seconds = 1\nkubelet_dir = \"{}\"\n",
-            kubelet_dir(&node).display()
-        ),
-    )
-    .await?;
-    let config = check_config(
-        &node,
-        &proxy.socket(),
-        &format!("metrics_address = \"127.0.0.1:{port}\""),
-    )?;
+    let port = free_port()?;
+    let proxy = ProxyProcess::start(&node, &proxy_check_toml(&node, port, 1)).await?;
+    // The proxy's own config: its sockets, its archive, its metrics endpoint.
+    let config = proxy.config_path();
     let cri = proxy.cri().await?;
     let pod = cri.run_pod(&PodSpec::new("fine")).await?;
     cri.run_container(&pod, &ContainerSpec::sleeper("app"))
@@ -441,6 +465,47 @@ async fn every_check_keeps_the_npd_contract_and_the_proxy_serves_the_results() -
     }
     let archive = check_on_node(&node, &config, &["archive"])?;
     assert!(archive.line().contains("no logs lost"), "{archive}");
+
+    // The shipped NPD rules: arguments dockhand accepts, a deadline under the rule's timeout,
+    // and OK on a healthy node.
+    let mut rules = 0;
+    for entry in std::fs::read_dir(workspace_dir().join("deploy/npd"))? {
+        let path = entry?.path();
+        if path.extension() != Some(OsStr::new("json")) {
+            continue;
+        }
+        let monitor: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+        assert_eq!(monitor["plugin"], "custom", "{}", path.display());
+        assert_eq!(monitor["pluginConfig"]["max_output_length"], 80);
+        for rule in monitor["rules"].as_array().context("rules")? {
+            let args: Vec<&str> = rule["args"]
+                .as_array()
+                .context("args")?
+                .iter()
+                .filter_map(|a| a.as_str())
+                .collect();
+            assert_eq!(args[0], "check", "{rule}");
+            let timeout = args
+                .iter()
+                .position(|a| *a == "--timeout")
+                .and_then(|i| args[i + 1].parse::<f64>().ok())
+                .context("--timeout")?;
+            let rule_timeout: f64 = rule["timeout"]
+                .as_str()
+                .and_then(|t| t.strip_suffix('s'))
+                .and_then(|t| t.parse().ok())
+                .context("rule timeout")?;
+            assert!(timeout < rule_timeout, "{rule}");
+            assert!(
+                ["permanent", "temporary"].contains(&rule["type"].as_str().unwrap_or_default()),
+                "{rule}"
+            );
+            let ok = check_on_node(&node, &config, &args[1..])?;
+            assert_eq!(ok.code, Some(0), "{}: {rule}: {ok}", path.display());
+            rules += 1;
+        }
+    }
+    assert!(rules >= 5, "only {rules} NPD rules");
 
     // The background checker's results, on the proxy's /metrics.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -473,5 +538,41 @@ async fn every_check_keeps_the_npd_contract_and_the_proxy_serves_the_results() -
         ),
         "{metrics}"
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn archive_reports_logs_lost_since_the_last_check_once() -> Result<()> {
+    let node = Node::start(NodeOptions::default()).await?;
+    let port = free_port()?;
+    // kubelet's logs are not where the proxy is told they are: every container's log is lost
+    // (`dockhand_archive_lost_logs_total{reason="outside_log_directory"}`).
+    let elsewhere = node.temp_dir().join("other-pod-logs");
+    std::fs::create_dir_all(&elsewhere)?;
+    let toml = format!(
+        "{}{}",
+        proxy_check_toml(&node, port, 0),
+        archive_toml(&node.temp_dir().join("lossy-archive"), &elsewhere)
+    );
+    let proxy = ProxyProcess::start(&node, &toml).await?;
+    let config = proxy.config_path();
+    let first = check_on_node(&node, &config, &["archive"])?;
+    assert_eq!(first.code, Some(0), "{first}");
+    assert!(first.line().contains("no logs lost"), "{first}");
+
+    let cri = proxy.cri().await?;
+    let pod = cri.run_pod(&PodSpec::new("lossy")).await?;
+    cri.run_container(&pod, &ContainerSpec::sleeper("app"))
+        .await?;
+    let lost = check_on_node(&node, &config, &["archive"])?;
+    assert_eq!(lost.code, Some(1), "{lost}\n{}", proxy.log());
+    assert_eq!(
+        lost.line(),
+        "archive: 1 container logs lost since the last check",
+        "{lost}"
+    );
+    // Reported once: the next check compares with the count this one saw.
+    let again = check_on_node(&node, &config, &["archive"])?;
+    assert_eq!(again.code, Some(0), "{again}");
     Ok(())
 }

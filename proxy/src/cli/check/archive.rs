@@ -218,14 +218,14 @@ pub async fn check(settings: &Settings, deadline: Instant, lost: LostLogs<'_>) -
             "{new_losses} container logs lost since the last check"
         )));
     }
-    let ok = match bytes {
-        Some(bytes) => format!(
-            "{} of {}, {} free, no logs lost",
+    let ok = match (bytes, free_percent) {
+        (Some(bytes), Some(free)) => format!(
+            "{} of {}, {free:.0}% free, no logs lost",
             human(bytes),
             human(archive.max_bytes),
-            free_percent.map_or("?".into(), |f| format!("{f:.0}%"))
         ),
-        None => String::new(),
+        (Some(_), None) => "empty, no logs lost".into(),
+        (None, _) => String::new(),
     };
     let facts = serde_json::json!({
         "dir": archive.dir,

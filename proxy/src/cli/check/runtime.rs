@@ -88,7 +88,7 @@ async fn ask_by(socket: &Path, deadline: Instant) -> Result<Answer, String> {
 }
 
 fn millis(seconds: f64) -> String {
-    format!("{:.1}ms", seconds * 1000.0)
+    format!("{:.1}", seconds * 1000.0)
 }
 
 pub async fn check(settings: &Settings, deadline: Instant) -> Report {
@@ -140,7 +140,7 @@ pub async fn check(settings: &Settings, deadline: Instant) -> Report {
     }
     let ok = match (&through, &direct) {
         (Ok(t), Ok(d)) => format!(
-            "{} ready; via dockhand {}+{}, direct {}+{}",
+            "{} ready; dockhand {}+{}ms, direct {}+{}ms",
             d.runtime,
             millis(t.version_seconds),
             millis(t.status_seconds),
