@@ -364,10 +364,21 @@ mod tests {
             mode = "dry-run"
             docker_root = "/data/docker"
             extra_paths = ["/srv"]
+            [check]
+            interval_seconds = 30
+            timeout_seconds = 4
+            kubelet_dir = "/data/kubelet"
+            usage_percent = 85
+            host_mountinfo = "/proc/1/mountinfo"
+            require_network = true
+            state_file = "/run/dockhand/lost"
             "#,
         )
         .unwrap();
         config.validate().unwrap();
+        assert_eq!(config.check.usage_percent, 85);
+        let config: Config = toml::from_str("[check]\nusage_percent = 0").unwrap();
+        assert!(config.validate().is_err());
         assert_eq!(config.propagation.mode, PropagationMode::DryRun);
         assert_eq!(config.propagation.extra_paths, vec![PathBuf::from("/srv")]);
     }
