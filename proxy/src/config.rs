@@ -377,8 +377,8 @@ mod tests {
         .unwrap();
         config.validate().unwrap();
         assert_eq!(config.check.usage_percent, 85);
-        let config: Config = toml::from_str("[check]\nusage_percent = 0").unwrap();
-        assert!(config.validate().is_err());
+        let zero: Config = toml::from_str("[check]\nusage_percent = 0").unwrap();
+        assert!(zero.validate().is_err());
         assert_eq!(config.propagation.mode, PropagationMode::DryRun);
         assert_eq!(config.propagation.extra_paths, vec![PathBuf::from("/srv")]);
     }
