@@ -4,11 +4,37 @@
 //! what Docker's rslave gave it: a problem. Fallbacks (the host mount is private, so Docker would
 //! have been private too), rewrites and explicit modes are fine.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use super::{running_containers, Finding, Report, Settings, What};
 use crate::audit::findings_for;
 use crate::propagation::Rule;
 
+/// Set while an audit runs on a blocking thread. One stuck on a dead mount is never started
+/// again, so the proxy's background checker cannot fill tokio's blocking pool with them.
+static AUDITING: AtomicBool = AtomicBool::new(false);
+
+/// Clears [`AUDITING`] when the audit ends, however it ends.
+struct Audit;
+
+impl Drop for Audit {
+    fn drop(&mut self) {
+        AUDITING.store(false, Ordering::SeqCst);
+    }
+}
+
 pub async fn check(settings: &Settings) -> Report {
+    if AUDITING.swap(true, Ordering::SeqCst) {
+        return Report::new(
+            What::Propagation,
+            vec![Finding::unknown(
+                "the previous audit is still resolving host paths (a hung mount?)",
+            )],
+            "",
+            serde_json::Value::Null,
+        );
+    }
+    let audit = Audit;
     let containerd = &settings.config.containerd;
     let containers = match running_containers(containerd, false).await {
         Ok(containers) => containers,
@@ -21,7 +47,7 @@ pub async fn check(settings: &Settings) -> Report {
                 ))],
                 "",
                 serde_json::Value::Null,
-            )
+            );
         }
     };
     let rule = Rule::new(&settings.config.propagation);
@@ -29,6 +55,7 @@ pub async fn check(settings: &Settings) -> Report {
     // The rule resolves host paths (lstat, readlink), which can block on a dead mount: off the
     // async thread, and the caller's deadline bounds the wait.
     let audited = tokio::task::spawn_blocking(move || {
+        let _audit = audit;
         containers
             .iter()
             .flat_map(|c| {
