@@ -5,7 +5,8 @@
 //! Layout:
 //! - `audit`: `dockhand audit propagation`.
 //! - `cgroups`: `dockhand cgroups`, where each container sits in the cgroup tree.
-//! - `check`: `dockhand check`, a node-problem-detector plugin.
+//! - `check`: `dockhand check`, node-problem-detector plugins and the proxy's background
+//!   checker.
 //! - `logs`: `dockhand logs`, archived containers and their output (`cri_log`: the CRI log
 //!   line format and times).
 //! - `cri_client`: a CRI client over a unix socket.

@@ -43,6 +43,7 @@ pub struct Config {
     pub cgroup_records: PathBuf,
     pub propagation: PropagationConfig,
     pub archive: ArchiveConfig,
+    pub check: CheckConfig,
 }
 
 impl Default for Config {
@@ -56,6 +57,7 @@ impl Default for Config {
             cgroup_records: dockhand_host::record::DEFAULT_DIR.into(),
             propagation: PropagationConfig::default(),
             archive: ArchiveConfig::default(),
+            check: CheckConfig::default(),
         }
     }
 }
@@ -200,6 +202,70 @@ impl ArchiveConfig {
     }
 }
 
+/// `dockhand check` and the proxy's background checker (`cli/check.rs`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckConfig {
+    /// Seconds between the proxy's background checks (0: none); results on `/metrics`.
+    pub interval_seconds: u64,
+    /// Seconds one background check may take.
+    pub timeout_seconds: u64,
+    /// kubelet's root directory (`pods/<uid>/volumes` under it).
+    pub kubelet_dir: PathBuf,
+    /// Used space in percent above which a volume is a problem.
+    pub usage_percent: u8,
+    /// The host's mount table; the check runs in the host's mount namespace, as the proxy.
+    pub host_mountinfo: PathBuf,
+    /// NetworkReady false is a problem, not only a note.
+    pub require_network: bool,
+    /// Where `dockhand check archive` keeps the lost-log count it last saw.
+    pub state_file: PathBuf,
+}
+
+impl Default for CheckConfig {
+    fn default() -> Self {
+        CheckConfig {
+            interval_seconds: 60,
+            timeout_seconds: 10,
+            kubelet_dir: "/var/lib/kubelet".into(),
+            usage_percent: 90,
+            host_mountinfo: "/proc/self/mountinfo".into(),
+            require_network: false,
+            state_file: "/run/dockhand/check-archive-lost".into(),
+        }
+    }
+}
+
+impl CheckConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (key, path) in [
+            ("check.kubelet_dir", &self.kubelet_dir),
+            ("check.host_mountinfo", &self.host_mountinfo),
+            ("check.state_file", &self.state_file),
+        ] {
+            if !path.is_absolute() {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: format!("{} is not an absolute path", path.display()),
+                });
+            }
+        }
+        if !(1..=100).contains(&self.usage_percent) {
+            return Err(ConfigError::Invalid {
+                key: "check.usage_percent",
+                reason: "must be between 1 and 100".into(),
+            });
+        }
+        if self.timeout_seconds == 0 {
+            return Err(ConfigError::Invalid {
+                key: "check.timeout_seconds",
+                reason: "must be at least 1".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
 impl Config {
     /// Reads `path`; a missing file is an error only when `required` (it was named explicitly).
     pub fn load(path: &Path, required: bool) -> Result<Config, ConfigError> {
@@ -256,6 +322,7 @@ impl Config {
             }
         }
         self.archive.validate()?;
+        self.check.validate()?;
         if self.connect_timeout_seconds == 0 {
             return Err(ConfigError::Invalid {
                 key: "connect_timeout_seconds",
@@ -297,10 +364,21 @@ mod tests {
             mode = "dry-run"
             docker_root = "/data/docker"
             extra_paths = ["/srv"]
+            [check]
+            interval_seconds = 30
+            timeout_seconds = 4
+            kubelet_dir = "/data/kubelet"
+            usage_percent = 85
+            host_mountinfo = "/proc/1/mountinfo"
+            require_network = true
+            state_file = "/run/dockhand/lost"
             "#,
         )
         .unwrap();
         config.validate().unwrap();
+        assert_eq!(config.check.usage_percent, 85);
+        let zero: Config = toml::from_str("[check]\nusage_percent = 0").unwrap();
+        assert!(zero.validate().is_err());
         assert_eq!(config.propagation.mode, PropagationMode::DryRun);
         assert_eq!(config.propagation.extra_paths, vec![PathBuf::from("/srv")]);
     }

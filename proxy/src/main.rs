@@ -36,10 +36,14 @@ enum Command {
     Audit(AuditCommand),
     /// Where each container sits in the cgroup tree (what `docker inspect` told).
     Cgroups(dockhand::cli::cgroups::CgroupsArgs),
-    /// Health check for node-problem-detector: exit 0 OK, 1 problem, 2 unknown; one line of text.
+    /// Node and volume health for node-problem-detector: exit 0 OK, 1 problem, 2 unknown; one
+    /// line of at most 80 bytes, then detail.
     Check(dockhand::cli::check::CheckArgs),
     /// List archived containers, or print one's logs like `kubectl logs`.
     Logs(dockhand::cli::logs::LogsArgs),
+    /// `dockhand check`'s statfs child (internal).
+    #[command(hide = true)]
+    StatfsProbe(dockhand::cli::check::probe::ProbeArgs),
 }
 
 #[derive(clap::Args)]
@@ -66,6 +70,10 @@ enum AuditCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The statfs child: no runtime, no logging (its stderr is /dev/null anyway).
+    if let Command::StatfsProbe(args) = cli.command {
+        return dockhand::cli::check::probe::child(args);
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log_level));
     tracing_subscriber::fmt()
@@ -94,15 +102,18 @@ fn main() -> ExitCode {
                 .await
                 .map(|()| ExitCode::SUCCESS),
             Command::Check(args) => {
-                let (verdict, message) = dockhand::cli::check::check(&args).await;
-                println!("{message}");
-                Ok(ExitCode::from(verdict as u8))
+                let code = dockhand::cli::check::main(args).await;
+                // Exit now: a thread blocked on a dead mount (the propagation audit resolves
+                // host paths) must not hold the process past its deadline.
+                let _ = std::io::Write::flush(&mut std::io::stdout());
+                std::process::exit(i32::from(code));
             }
             Command::Audit(AuditCommand::Propagation(args)) => {
                 audit::propagation(args).await.map(|()| ExitCode::SUCCESS)
             }
             Command::Logs(args) => dockhand::cli::logs::run(&args, &mut std::io::stdout().lock())
                 .map(|()| ExitCode::SUCCESS),
+            Command::StatfsProbe(_) => unreachable!("handled before the runtime starts"),
         }
     });
     match result {
@@ -133,7 +144,15 @@ async fn proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
     );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     if let Some(addr) = config.metrics_address {
+        // The background checker only shows on /metrics: it runs when they are served.
+        let checker = dockhand::cli::check::background::Checker::register(&config, &mut registry);
         let registry = Arc::new(registry);
+        if let Some(checker) = checker {
+            let mut stop = stop_rx.clone();
+            tokio::spawn(checker.run(registry.clone(), async move {
+                let _ = stop.changed().await;
+            }));
+        }
         let mut stop = stop_rx.clone();
         let metrics = dockhand::metrics::serve(addr, registry, async move {
             let _ = stop.changed().await;

@@ -70,6 +70,18 @@ impl Status {
     }
 }
 
+impl std::fmt::Display for Got {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One bind mount the rule covers.
 #[derive(Debug, Serialize, PartialEq, Eq)]
 pub struct Finding {
