@@ -67,6 +67,8 @@ if ! wait "$image_job"; then
     die "cannot build the guest image (log above)"
 fi
 image=$(cat "$run/image.path")
+# Images of other keys are stale (an input changed): drop them (2 GB each, sparse).
+find "$cache" -maxdepth 1 -name 'image-*' ! -path "$image" -exec rm -rf {} +
 note "guest image ready after $((SECONDS - started)) s: $image"
 
 cp "$crictl" "$payload/bin/crictl"
@@ -74,7 +76,7 @@ cp "$crictl" "$payload/bin/crictl"
     || die "cannot build the test images"
 cp "$repo/vm/guest/test.sh" "$repo/vm/guest/containerd-config.toml" "$payload/"
 size_mb=$(( $(du -sm "$payload" | cut -f1) + 64 ))
-mkfs.ext4 -q -F -L payload -d "$payload" "$run/payload.img" "${size_mb}M"
+mkfs.ext4 -q -F -L payload -d "$payload" "$run/payload.img" "${size_mb}M" >/dev/null
 note "payload ready after $((SECONDS - started)) s"
 
 # The guest: systemd as PID 1 on the unified cgroup v2 hierarchy; no network. Console on the first
@@ -91,15 +93,15 @@ timeout --kill-after=10 "$timeout_s" qemu-system-x86_64 \
     -serial "file:$run/console.log" -serial "file:$run/report.log" \
     >"$run/qemu.log" 2>&1 &
 qemu_job=$!
-# The guest powers itself off after its report; if it has not within 60 s of the last line, the
+# The guest powers itself off after its report; if it has not within 30 s of the last line, the
 # report is complete anyway: stop qemu.
 reported=
 while kill -0 "$qemu_job" 2>/dev/null; do
     if [ -z "$reported" ] && grep -q '^VMTEST DONE ' "$run/report.log" 2>/dev/null; then
         reported=$SECONDS
     fi
-    if [ -n "$reported" ] && [ $((SECONDS - reported)) -gt 60 ]; then
-        note "the guest reported but did not power off within 60 s; stopping qemu"
+    if [ -n "$reported" ] && [ $((SECONDS - reported)) -gt 30 ]; then
+        note "the guest reported but did not power off within 30 s; stopping qemu"
         kill "$qemu_job" 2>/dev/null || true
     fi
     sleep 1

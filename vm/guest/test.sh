@@ -32,6 +32,10 @@ finish() {
         journalctl -u containerd -u dockhand --no-pager -n 60 -o short-monotonic 2>&1 | sed 's/^/LOG /'
     fi
     echo "VMTEST DONE $passed $failed"
+    # The unit's SuccessAction did not power the guest off here (systemd 252, qemu TCG): do it,
+    # once the serial port has drained. The root disk is a throw-away snapshot.
+    sleep 2
+    systemctl poweroff --force --no-block >/dev/null 2>&1
     exit 0
 }
 # A setup step that later checks cannot do without.
@@ -116,14 +120,18 @@ pod_json() {
  "linux": {"cgroup_parent": "$3", "security_context": {"namespace_options": {"network": 2, "pid": 1, "ipc": 0}}}}
 EOF
 }
-# container_json NAME COMMAND_JSON [RESOURCES_JSON] [MOUNTS_JSON]
+# container_json POD UID NAME COMMAND_JSON [RESOURCES_JSON] [MOUNTS_JSON]: kubelet's labels included
+# (the archive takes the pod's name from them).
 container_json() {
+    local pod=$1 uid=$2
+    shift 2
     cat <<EOF
 {"metadata": {"name": "$1", "attempt": 0},
  "image": {"image": "docker.io/dockhand/busybox:test"},
  "command": $2,
  "log_path": "$1/0.log",
- "labels": {"io.kubernetes.container.name": "$1"},
+ "labels": {"io.kubernetes.container.name": "$1", "io.kubernetes.pod.name": "$pod",
+            "io.kubernetes.pod.namespace": "default", "io.kubernetes.pod.uid": "$uid"},
  "mounts": ${4:-[]},
  "linux": {"resources": ${3:-{\}}}}
 EOF
@@ -133,7 +141,7 @@ tmp=$(mktemp -d)
 # container id; the sandbox id goes to $tmp/NAME.pod.
 run_pod() {
     pod_json "$1" "$2" "$3" >"$tmp/$1.pod.json"
-    container_json "$4" "$5" "${6:-}" "${7:-}" >"$tmp/$1.ctr.json"
+    container_json "$1" "$2" "$4" "$5" "${6:-}" "${7:-}" >"$tmp/$1.ctr.json"
     local pod ctr
     pod=$(cri runp "$tmp/$1.pod.json") || return 1
     echo "$pod" >"$tmp/$1.pod"
