@@ -4,7 +4,7 @@ PREFIX ?= /usr/local
 DEBIAN_PACKAGES := containerd runc busybox-static protobuf-compiler gcc libc6-dev util-linux iproute2 procps \
 	containernetworking-plugins docker-registry
 
-.PHONY: deps tools build test lint bench demo install containerd critest
+.PHONY: deps tools build test test-vm lint bench demo install containerd critest
 
 # Install the Debian packages the build, tests and demo need (skipped when all are present).
 deps:
@@ -70,6 +70,13 @@ critest: build tools containerd
 		echo "critest: containerd $$v compared in $$(( $$(date +%s) - start )) s"; \
 	done
 
+# The VM lane: a Debian 12 guest under qemu (systemd, cgroup v2), dockhand installed as an operator would (vm/README.md).
+VM_PACKAGES := qemu-system-x86 debootstrap e2fsprogs
+test-vm: build tools
+	@if dpkg -s $(VM_PACKAGES) >/dev/null 2>&1; then echo "test-vm: packages present"; else \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(VM_PACKAGES); fi
+	bash vm/run.sh
+
 # Formatting and clippy, warnings as errors.
 lint:
 	$(CARGO) fmt --all -- --check
@@ -85,11 +92,12 @@ bench: deps
 demo: build
 	$(CARGO) run -q -p dockhand-integration --bin demo
 
-# Install the binaries and the systemd unit.
+# Install the binaries and the systemd unit (DESTDIR=dir stages them under dir).
 install:
 	$(CARGO) build --release -p dockhand --bins
 	$(CARGO) build --profile shim -p dockhand-shim
-	install -D -m 0755 target/release/dockhand $(PREFIX)/bin/dockhand
-	install -D -m 0755 target/shim/containerd-shim-dockhand-v2 $(PREFIX)/bin/containerd-shim-dockhand-v2
-	install -D -m 0644 deploy/dockhand.service /etc/systemd/system/dockhand.service
-	install -D -m 0644 deploy/config.toml /etc/dockhand/config.toml.example
+	install -D -m 0755 target/release/dockhand $(DESTDIR)$(PREFIX)/bin/dockhand
+	install -D -m 0755 target/shim/containerd-shim-dockhand-v2 $(DESTDIR)$(PREFIX)/bin/containerd-shim-dockhand-v2
+	install -D -m 0644 deploy/dockhand.service $(DESTDIR)/etc/systemd/system/dockhand.service
+	install -D -m 0644 deploy/config.toml $(DESTDIR)/etc/dockhand/config.toml.example
+	install -D -m 0644 README.md $(DESTDIR)$(PREFIX)/share/doc/dockhand/README.md

@@ -1,0 +1,318 @@
+#!/bin/bash
+# The VM lane's test driver, run in the guest by dockhand-vm.service with its output on the second
+# serial port. It installs dockhand the way an operator does (the files `make install` wrote,
+# containerd pointed at the shim, the unit enabled), then checks what a user of a systemd node
+# with cgroup v2 would check. Every check prints `VMTEST PASS <name>` or
+# `VMTEST FAIL <name>: <why>`; the last line is `VMTEST DONE <passed> <failed>`. The host turns
+# that into the lane's exit code (vm/run.sh).
+# Usage: test.sh PAYLOAD_DIR
+set -uo pipefail
+
+payload=${1:?usage: test.sh PAYLOAD_DIR}
+socket=/run/dockhand/dockhand.sock
+records=/run/dockhand/cgroups
+passed=0
+failed=0
+
+pass() { echo "VMTEST PASS $1"; passed=$((passed + 1)); }
+fail() { echo "VMTEST FAIL $1: $2"; failed=$((failed + 1)); }
+# expect NAME GOT WANT: string equality.
+expect() { if [ "$2" = "$3" ]; then pass "$1"; else fail "$1" "got '$2', want '$3'"; fi; }
+# expect_match NAME GOT REGEX
+expect_match() { if [[ $2 =~ $3 ]]; then pass "$1"; else fail "$1" "got '$2', want a match of /$3/"; fi; }
+# expect_ok NAME COMMAND...: the command succeeds (its output is shown on failure).
+expect_ok() {
+    local name=$1 out
+    shift
+    if out=$("$@" 2>&1); then pass "$name"; else fail "$name" "$* failed: $(tail -n 3 <<<"$out" | tr '\n' ' ')"; fi
+}
+finish() {
+    if [ "$failed" -gt 0 ]; then
+        echo "--- journal of containerd and dockhand (last 60 lines) ---"
+        journalctl -u containerd -u dockhand --no-pager -n 60 -o short-monotonic 2>&1 | sed 's/^/LOG /'
+    fi
+    echo "VMTEST DONE $passed $failed"
+    # The unit's SuccessAction did not power the guest off here (systemd 252, qemu TCG): do it,
+    # once the serial port has drained. The root disk is a throw-away snapshot.
+    sleep 2
+    systemctl poweroff --force --no-block >/dev/null 2>&1
+    exit 0
+}
+# A setup step that later checks cannot do without.
+setup() {
+    local what=$1 out
+    shift
+    if ! out=$("$@" 2>&1); then
+        fail "setup: $what" "$* failed: $(tail -n 5 <<<"$out" | tr '\n' ' ')"
+        finish
+    fi
+}
+# wait_for SECONDS COMMAND...: retries until the command succeeds.
+wait_for() {
+    local deadline=$((SECONDS + $1))
+    shift
+    until "$@" >/dev/null 2>&1; do
+        [ "$SECONDS" -lt "$deadline" ] || return 1
+        sleep 0.5
+    done
+}
+cri() { "$payload/bin/crictl" "$@"; }
+main_pid() { systemctl show -p MainPID --value "$1"; }
+exited() { cri inspect -o json "$1" | jq -e '.status.state == "CONTAINER_EXITED"'; }
+archived() { dockhand logs "$1" | grep -q 'second line'; }
+
+echo "guest: $(uname -r), $(nproc) cpus, PID 1 $(readlink /proc/1/exe)"
+
+# --- the node -----------------------------------------------------------------------------------
+expect "node: PID 1 is systemd" "$(readlink /proc/1/exe)" /usr/lib/systemd/systemd
+expect "node: /sys/fs/cgroup is the unified cgroup2 hierarchy" "$(stat -fc %T /sys/fs/cgroup)" cgroup2fs
+expect_match "node: kernel booted with systemd.unified_cgroup_hierarchy=1" "$(cat /proc/cmdline)" 'systemd\.unified_cgroup_hierarchy=1'
+expect_match "node: cgroup2 has the memory and pids controllers" "$(cat /sys/fs/cgroup/cgroup.controllers)" 'memory.*pids'
+expect "node: / is a shared mount (systemd)" "$(findmnt -no PROPAGATION /)" shared
+expect_match "node: containerd is 1.7" "$(containerd --version)" ' (v)?1\.7\.'
+expect_match "node: runc is Debian 12's 1.1" "$(runc --version | head -n 1)" 'runc version 1\.1\.'
+
+# --- install as an operator ---------------------------------------------------------------------
+# The files `make install DESTDIR=…` wrote on the host, copied to the same places here.
+setup "copy the files make install wrote" cp -a "$payload/install/." /
+setup "configure containerd" install -m 0644 "$payload/containerd-config.toml" /etc/containerd/config.toml
+setup "restart containerd with the shim configured" systemctl restart containerd
+setup "import the test images" ctr -n k8s.io images import "$payload/images.tar"
+# crictl pointed at dockhand, as kubelet is (--container-runtime-endpoint).
+printf 'runtime-endpoint: unix://%s\nimage-endpoint: unix://%s\ntimeout: 60\n' "$socket" "$socket" >/etc/crictl.yaml
+setup "systemctl daemon-reload" systemctl daemon-reload
+setup "systemctl enable --now dockhand" systemctl enable --now dockhand.service
+if ! wait_for 60 cri version; then
+    fail "setup: dockhand answers CRI Version" "$(cri version 2>&1 | tail -n 2 | tr '\n' ' ')"
+    finish
+fi
+has_image() { cri images -q "$1" | grep -q .; }
+setup "CRI lists the imported images" wait_for 30 has_image docker.io/dockhand/busybox:test
+
+# --- the unit as systemd runs it ----------------------------------------------------------------
+expect "unit: enabled" "$(systemctl is-enabled dockhand.service)" enabled
+expect "unit: active" "$(systemctl is-active dockhand.service)" active
+expect_match "unit: ordered after containerd" "$(systemctl show -p After --value dockhand.service)" '(^| )containerd\.service( |$)'
+expect_match "unit: ordered before kubelet" "$(systemctl show -p Before --value dockhand.service)" '(^| )kubelet\.service( |$)'
+doc=$(systemctl show -p Documentation --value dockhand.service)
+expect_ok "unit: its Documentation= file is installed ($doc)" test -f "${doc#file://}"
+expect "unit: socket is a socket with mode 0660, owned by root" "$(stat -c '%F %a %U:%G' "$socket")" "socket 660 root:root"
+status=$(systemctl status --no-pager --full dockhand.service 2>&1)
+status_rc=$?
+expect "unit: systemctl status exits 0" "$status_rc" 0
+expect_match "unit: systemctl status says active (running)" "$status" 'Active: active \(running\)'
+if grep -qiE 'error|fail|warn' <<<"$status"; then
+    fail "unit: systemctl status shows no error" "$(grep -iE 'error|fail|warn' <<<"$status" | head -n 3 | tr '\n' ' ')"
+else
+    pass "unit: systemctl status shows no error"
+fi
+# tracing writes its level into the line; journald files stderr lines at info whatever they say.
+expect "unit: no WARN or ERROR lines in dockhand's journal" \
+    "$(journalctl -u dockhand.service --no-pager -q -o cat | grep -E ' (WARN|ERROR) ' | head -n 3)" ""
+
+# --- pods of each QoS class with the systemd cgroup driver --------------------------------------
+# pod_json NAME UID PARENT: a host-network sandbox config as kubelet sends it.
+pod_json() {
+    cat <<EOF
+{"metadata": {"name": "$1", "namespace": "default", "uid": "$2", "attempt": 0},
+ "log_directory": "/var/log/pods/default_$1_$2",
+ "labels": {"io.kubernetes.pod.name": "$1", "io.kubernetes.pod.namespace": "default", "io.kubernetes.pod.uid": "$2"},
+ "linux": {"cgroup_parent": "$3", "security_context": {"namespace_options": {"network": 2, "pid": 1, "ipc": 0}}}}
+EOF
+}
+# container_json POD UID NAME COMMAND_JSON [RESOURCES_JSON] [MOUNTS_JSON]: kubelet's labels included
+# (the archive takes the pod's name from them).
+container_json() {
+    local pod=$1 uid=$2
+    shift 2
+    cat <<EOF
+{"metadata": {"name": "$1", "attempt": 0},
+ "image": {"image": "docker.io/dockhand/busybox:test"},
+ "command": $2,
+ "log_path": "$1/0.log",
+ "labels": {"io.kubernetes.container.name": "$1", "io.kubernetes.pod.name": "$pod",
+            "io.kubernetes.pod.namespace": "default", "io.kubernetes.pod.uid": "$uid"},
+ "mounts": ${4:-[]},
+ "linux": {"resources": ${3:-{\}}}}
+EOF
+}
+tmp=$(mktemp -d)
+# run_pod NAME UID PARENT CONTAINER COMMAND_JSON [RESOURCES_JSON] [MOUNTS_JSON]: prints the
+# container id; the sandbox id goes to $tmp/NAME.pod.
+run_pod() {
+    pod_json "$1" "$2" "$3" >"$tmp/$1.pod.json"
+    container_json "$1" "$2" "$4" "$5" "${6:-}" "${7:-}" >"$tmp/$1.ctr.json"
+    local pod ctr
+    pod=$(cri runp "$tmp/$1.pod.json") || return 1
+    echo "$pod" >"$tmp/$1.pod"
+    ctr=$(cri create "$pod" "$tmp/$1.ctr.json" "$tmp/$1.pod.json") || return 1
+    cri start "$ctr" >/dev/null || return 1
+    echo "$ctr"
+}
+
+sleeper='["sh", "-c", "sleep 3600"]'
+declare -A want_dir want_qos ids
+for qos in besteffort burstable guaranteed; do
+    uid=$(cat /proc/sys/kernel/random/uuid)
+    slice_uid=${uid//-/_}
+    case $qos in
+        besteffort)
+            parent=kubepods-besteffort-pod$slice_uid.slice
+            dir=/sys/fs/cgroup/kubepods.slice/kubepods-besteffort.slice/$parent
+            resources='{}' ;;
+        burstable)
+            parent=kubepods-burstable-pod$slice_uid.slice
+            dir=/sys/fs/cgroup/kubepods.slice/kubepods-burstable.slice/$parent
+            resources='{"cpu_shares": 102, "memory_limit_in_bytes": 134217728}' ;;
+        guaranteed)
+            parent=kubepods-pod$slice_uid.slice
+            dir=/sys/fs/cgroup/kubepods.slice/$parent
+            resources='{"cpu_shares": 512, "cpu_period": 100000, "cpu_quota": 50000, "memory_limit_in_bytes": 67108864}' ;;
+    esac
+    if ! id=$(run_pod "$qos-pod" "$uid" "$parent" app "$sleeper" "$resources" 2>"$tmp/err"); then
+        fail "$qos: pod and container start" "$(tail -n 3 "$tmp/err" | tr '\n' ' ')"
+        continue
+    fi
+    pass "$qos: pod and container start"
+    ids[$qos]=$id
+    want_dir[$qos]=$dir/cri-containerd-$id.scope
+    want_qos[$qos]=$qos
+done
+
+for qos in "${!ids[@]}"; do
+    id=${ids[$qos]}
+    want=${want_dir[$qos]}
+    record=$records/$id.json
+    if ! wait_for 20 jq -e '.state == "started"' "$record"; then
+        fail "$qos: shim wrote a started record" "$(cat "$record" 2>&1 | head -c 300)"
+        continue
+    fi
+    pass "$qos: shim wrote a started record"
+    inspect=$(cri inspect -o json "$id")
+    pid=$(jq -r '.info.pid' <<<"$inspect")
+    expect "$qos: record's placement is cgroup v2" "$(jq -r '.placement.version' "$record")" v2
+    expect "$qos: record's directory is the kubelet-style scope" "$(jq -r '.placement.path' "$record")" "$want"
+    expect "$qos: record says the systemd driver" "$(jq -r '.driver' "$record")" systemd
+    expect "$qos: record's QoS class" "$(jq -r '.qosClass' "$record")" "$qos"
+    expect "$qos: record's pid is the container's init" "$(jq -r '.pid' "$record")" "$pid"
+    expect "$qos: record's own check matches" "$(jq -r '.check.matches' "$record")" true
+    expect "$qos: /proc/<pid>/cgroup is the record's directory" "$(cat "/proc/$pid/cgroup")" "0::${want#/sys/fs/cgroup}"
+    expect_match "$qos: the scope's cgroup.procs holds the pid" "$(tr '\n' ' ' <"$want/cgroup.procs")" "(^| )$pid( |$)"
+    expect "$qos: verbose ContainerStatus through dockhand carries the record" \
+        "$(jq -c '.["dockhand.cgroup"] | {path: .placement.path, driver, qosClass, pid}' <<<"$inspect")" \
+        "$(jq -c '{path: .placement.path, driver, qosClass, pid}' "$record")"
+    case $qos in
+        guaranteed) expect "$qos: memory.max is the container's limit" "$(cat "$want/memory.max")" 67108864
+                    expect "$qos: cpu.max is the container's quota" "$(cat "$want/cpu.max")" "50000 100000" ;;
+        burstable) expect "$qos: memory.max is the container's limit" "$(cat "$want/memory.max")" 134217728 ;;
+        besteffort) expect "$qos: memory.max is unlimited" "$(cat "$want/memory.max")" max ;;
+    esac
+done
+
+# dockhand cgroups --usage: v2 memory and pids, from the scope's own files.
+if cgroups_json=$(dockhand cgroups --socket "$socket" --usage --json 2>"$tmp/err"); then
+    pass "cgroups: dockhand cgroups --usage --json runs"
+    table=$(dockhand cgroups --socket "$socket" --usage)
+    for qos in "${!ids[@]}"; do
+        id=${ids[$qos]}
+        entry=$(jq -c --arg id "$id" '.[] | select(.containerId == $id)' <<<"$cgroups_json")
+        expect "$qos: dockhand cgroups lists it from the shim's record" "$(jq -r '.record.source' <<<"$entry")" shim
+        expect "$qos: dockhand cgroups shows the scope" "$(jq -r '.record.placement.path' <<<"$entry")" "${want_dir[$qos]}"
+        mem=$(jq -r '.usage.memoryBytes' <<<"$entry")
+        pids=$(jq -r '.usage.pids' <<<"$entry")
+        if [[ $mem =~ ^[0-9]+$ ]] && [ "$mem" -gt 0 ]; then
+            pass "$qos: --usage shows v2 memory ($mem bytes)"
+        else
+            fail "$qos: --usage shows v2 memory" "memoryBytes is '$mem'"
+        fi
+        # `sh -c 'sleep 3600'`: sh and sleep, or sleep alone where sh execs it.
+        expect_match "$qos: --usage shows v2 pids" "$pids" '^[12]$'
+        row=$(grep " ${id:0:13} " <<<"$table")
+        expect_match "$qos: the --usage table shows shim, the scope, memory and pids" "$row" \
+            " running +shim +/sys/fs/cgroup/kubepods\\.slice/.*/cri-containerd-$id\\.scope +[1-9][0-9]* +[12]\$"
+    done
+else
+    fail "cgroups: dockhand cgroups --usage --json runs" "$(tail -n 3 "$tmp/err" | tr '\n' ' ')"
+fi
+
+# --- the log archive: kubelet's removal, then dockhand logs -------------------------------------
+uid=$(cat /proc/sys/kernel/random/uuid)
+if id=$(run_pod archive-pod "$uid" "kubepods-besteffort-pod${uid//-/_}.slice" hello \
+    '["sh", "-c", "echo hello from the vm; echo second line"]' 2>"$tmp/err"); then
+    log=/var/log/pods/default_archive-pod_$uid/hello/0.log
+    if wait_for 60 exited "$id"; then
+        pass "archive: container ran and exited"
+        # kubelet deletes the log files first, then calls RemoveContainer.
+        rm -f "$log"*
+        expect_ok "archive: RemoveContainer through dockhand" cri rm "$id"
+        if wait_for 60 archived "$id"; then
+            expect "archive: dockhand logs prints the removed container's output" "$(dockhand logs "$id")" \
+                "$(printf 'hello from the vm\nsecond line')"
+        else
+            fail "archive: dockhand logs prints the removed container's output" "$(dockhand logs "$id" 2>&1 | tail -n 2 | tr '\n' ' ')"
+        fi
+        expect_match "archive: dockhand logs --pod lists it" "$(dockhand logs --pod archive-pod)" "default +archive-pod +hello +0 +${id:0:13}"
+    else
+        fail "archive: container ran and exited" "$(cri ps -a 2>&1 | tail -n 3 | tr '\n' ' ')"
+    fi
+else
+    fail "archive: pod and container start" "$(tail -n 3 "$tmp/err" | tr '\n' ' ')"
+fi
+
+# --- propagation: hostPath / on a systemd host (where / is shared) gets rslave ------------------
+uid=$(cat /proc/sys/kernel/random/uuid)
+if id=$(run_pod exporter-pod "$uid" "kubepods-besteffort-pod${uid//-/_}.slice" node-exporter "$sleeper" '{}' \
+    '[{"container_path": "/rootfs", "host_path": "/", "readonly": true, "propagation": 0}]' 2>"$tmp/err"); then
+    pass "propagation: pod with hostPath / at /rootfs starts"
+    expect "propagation: dockhand's decision annotation" \
+        "$(cri inspect -o json "$id" | jq -r '.status.annotations["dockhand.io/mount-propagation"]')" "/rootfs=rslave"
+    expect_match "propagation: /rootfs is a slave mount in the container" \
+        "$(cri exec -s "$id" sh -c "grep ' /rootfs ' /proc/self/mountinfo")" ' master:[0-9]+'
+    # What node-exporter needs: a volume the host mounts later shows up under /rootfs.
+    mkdir -p /mnt/dockhand-vm-late
+    if mount -t tmpfs -o size=1m dockhand-vm-late /mnt/dockhand-vm-late && echo late >/mnt/dockhand-vm-late/marker; then
+        expect "propagation: a host mount made after start is seen in the container" \
+            "$(cri exec -s "$id" cat /rootfs/mnt/dockhand-vm-late/marker 2>&1)" late
+        umount /mnt/dockhand-vm-late
+    else
+        fail "propagation: a host mount made after start is seen in the container" "cannot mount a tmpfs on the host"
+    fi
+else
+    fail "propagation: pod with hostPath / at /rootfs starts" "$(tail -n 3 "$tmp/err" | tr '\n' ' ')"
+fi
+
+# --- containerd stopped and restarted under a running dockhand ----------------------------------
+pid_before=$(main_pid dockhand.service)
+systemctl stop containerd
+out=$(cri version 2>&1)
+expect_match "restart: with containerd stopped, callers get UNAVAILABLE" "$out" 'code = Unavailable'
+expect "restart: dockhand keeps running while containerd is stopped" "$(systemctl is-active dockhand.service)/$(main_pid dockhand.service)" "active/$pid_before"
+systemctl start containerd
+if wait_for 60 cri version; then pass "restart: service again once containerd is back"; else fail "restart: service again once containerd is back" "$(cri version 2>&1 | tail -n 1)"; fi
+systemctl restart containerd
+if wait_for 60 cri version; then pass "restart: service again after systemctl restart containerd"; else fail "restart: service again after systemctl restart containerd" "$(cri version 2>&1 | tail -n 1)"; fi
+expect "restart: dockhand is the same process throughout" "$(systemctl is-active dockhand.service)/$(main_pid dockhand.service)" "active/$pid_before"
+if [ -n "${ids[besteffort]:-}" ]; then
+    expect "restart: the running container is still listed" "$(cri ps -q --id "${ids[besteffort]}")" "${ids[besteffort]}"
+fi
+
+# --- systemctl stop: drain, exit 0 --------------------------------------------------------------
+if [ -n "${ids[besteffort]:-}" ]; then
+    # An ExecSync in flight when the stop comes must still get its answer.
+    cri exec --sync --timeout 30 "${ids[besteffort]}" sh -c 'sleep 4; echo drained' >"$tmp/exec.out" 2>&1 &
+    exec_pid=$!
+    sleep 2
+    systemctl stop dockhand.service
+    wait "$exec_pid"
+    exec_rc=$?
+    expect "stop: a call in flight is answered (drain)" "$exec_rc/$(cat "$tmp/exec.out")" "0/drained"
+else
+    systemctl stop dockhand.service
+fi
+expect "stop: unit is inactive" "$(systemctl is-active dockhand.service)" inactive
+expect "stop: clean result, main process exited with 0" \
+    "$(systemctl show -p Result -p ExecMainCode -p ExecMainStatus dockhand.service | sort | tr '\n' ' ')" \
+    "ExecMainCode=1 ExecMainStatus=0 Result=success "
+expect_match "stop: dockhand logged its stop" "$(journalctl -u dockhand.service --no-pager -q -o cat | tail -n 5)" 'dockhand proxy stopped'
+
+finish
