@@ -90,7 +90,11 @@ pub fn open_file(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<File> {
         Mode::empty(),
     )
     .map_err(io)?;
-    let file = File::from(fd);
+    regular(File::from(fd))
+}
+
+/// `file` if it is a regular file (O_NOFOLLOW refuses a symlink; this refuses the rest).
+fn regular(file: File) -> io::Result<File> {
     if !file.metadata()?.is_file() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -110,14 +114,7 @@ pub fn open_write(dir: BorrowedFd<'_>, name: &str) -> io::Result<File> {
         Mode::from_raw_mode(0o600),
     )
     .map_err(io)?;
-    let file = File::from(fd);
-    if !file.metadata()?.is_file() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "not a regular file",
-        ));
-    }
-    Ok(file)
+    regular(File::from(fd))
 }
 
 /// Writes `data` to `name` inside `dir` (mode 0600) so that a crash leaves either the old or the

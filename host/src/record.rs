@@ -320,15 +320,6 @@ mod tests {
 
     const ID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
-    /// A fresh fixture directory under the system temp dir.
-    fn fixture_dir(name: &str) -> PathBuf {
-        let dir =
-            std::env::temp_dir().join(format!("dockhand-record-{}-{name}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        dir
-    }
-
     fn sample(id: &str) -> Record {
         Record {
             version: RECORD_VERSION,
@@ -356,7 +347,8 @@ mod tests {
 
     #[test]
     fn records_round_trip_atomically_and_refuse_bad_ids_and_symlinks() {
-        let dir = fixture_dir("files").join("records");
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("records");
         let record = sample(ID);
         let path = write(&dir, &record).unwrap();
         assert_eq!(path, dir.join(format!("{ID}.json")));
