@@ -2,7 +2,7 @@
 CARGO ?= cargo
 PREFIX ?= /usr/local
 DEBIAN_PACKAGES := containerd runc busybox-static protobuf-compiler gcc libc6-dev util-linux iproute2 procps \
-	containernetworking-plugins docker-registry
+	containernetworking-plugins docker-registry python3-venv
 
 .PHONY: deps tools build test test-vm lint bench demo install containerd critest
 
@@ -13,16 +13,30 @@ deps:
 
 # Test peers built from pinned Go modules into target/tools/bin (crictl: a grpc-go CRI client;
 # critest: cri-tools' conformance suite, a test binary, built from tools/critest/go.mod, and the
-# ginkgo CLI of the same module, which critest -parallel runs).
+# ginkgo CLI of the same module, which critest -parallel runs), and the real-client drivers.
 TOOLS_BIN := $(CURDIR)/target/tools/bin
 CRI_TOOLS_VERSION := v1.34.0
-tools:
+GRPCIO_VENV := $(CURDIR)/target/tools/venv
+GRPCIO_VERSION := 1.76.0
+tools: $(TOOLS_BIN)/cri-driver $(GRPCIO_VENV)/.grpcio-$(GRPCIO_VERSION)
 	@mkdir -p $(TOOLS_BIN)
 	@if [ ! -e $(TOOLS_BIN)/.cri-tools-$(CRI_TOOLS_VERSION) ]; then \
 		GOBIN=$(TOOLS_BIN) go install sigs.k8s.io/cri-tools/cmd/crictl@$(CRI_TOOLS_VERSION) && \
 		touch $(TOOLS_BIN)/.cri-tools-$(CRI_TOOLS_VERSION); fi
 	@[ -x $(TOOLS_BIN)/critest ] || (cd tools/critest && go test -c -o $(TOOLS_BIN)/critest sigs.k8s.io/cri-tools/cmd/critest)
 	@[ -x $(TOOLS_BIN)/ginkgo ] || (cd tools/critest && go build -o $(TOOLS_BIN)/ginkgo github.com/onsi/ginkgo/v2/ginkgo)
+
+# The real-client drivers of integration/src/clients.rs: cri-driver (kubelet's k8s.io/cri-client
+# and grpc-go, pinned in tools/cri-driver/go.mod; rebuilt when its sources change) and a venv with
+# grpcio from PyPI (pinned in tools/grpcio-driver/requirements.txt).
+$(TOOLS_BIN)/cri-driver: tools/cri-driver/main.go tools/cri-driver/go.mod tools/cri-driver/go.sum
+	@mkdir -p $(TOOLS_BIN)
+	cd tools/cri-driver && go build -o $@ .
+$(GRPCIO_VENV)/.grpcio-$(GRPCIO_VERSION): tools/grpcio-driver/requirements.txt
+	@grep -qx 'grpcio==$(GRPCIO_VERSION)' $< || { echo "tools: $< does not pin grpcio $(GRPCIO_VERSION)"; exit 1; }
+	python3 -m venv $(GRPCIO_VENV)
+	$(GRPCIO_VENV)/bin/pip install --quiet --disable-pip-version-check -r $<
+	touch $@
 
 # containerd versions the integration suite runs against, each in target/containerd/<v>/bin:
 # 1.6 is Debian 12's own package; 1.7 (trixie) and 2.1 (sid) are extracted from Debian's archive

@@ -13,6 +13,7 @@
 //! - `node`: [`Node`], the sandboxed containerd, and its [`NodeOptions`] (host network or CNI).
 //! - `proxy`: [`ProxyProcess`], the `dockhand proxy` binary run inside a node.
 //! - `cri`: [`Cri`], the CRI client: one helper per call, and raw calls by method path.
+//! - `clients`: real gRPC clients (kubelet's cri-client, grpc-go, grpcio) as driver processes.
 //! - `kubelet`: [`PodSpec`] and [`ContainerSpec`], the configs kubelet would send for them, and
 //!   kubelet's call sequences (removing a dead container).
 //! - `logs`: reading CRI log files.
@@ -22,6 +23,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cleanup;
+pub mod clients;
 pub mod containerd;
 pub mod cri;
 pub mod critest;
