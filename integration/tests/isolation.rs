@@ -130,13 +130,13 @@ async fn a_reader_that_never_reads_does_not_stall_other_callers() -> Result<()> 
     eprintln!("{report}");
     // Straight from containerd the other caller is unaffected (the comparison's baseline).
     assert!(direct.iter().all(|l| l.is_ok()), "{report}");
-    assert_eq!(via_proxy.len(), VERSION_CALLS, "{report}");
     for latency in &via_proxy {
         match latency {
             Ok(latency) => assert!(*latency < VERSION_BOUND, "{report}"),
             Err(status) => panic!("Version through dockhand failed: {status:?}\n{report}"),
         }
     }
+    assert_eq!(via_proxy.len(), VERSION_CALLS, "{report}");
     Ok(())
 }
 
