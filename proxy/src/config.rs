@@ -335,7 +335,10 @@ impl Config {
         for (key, value) in [
             ("connect_timeout_seconds", self.connect_timeout_seconds),
             ("handshake_timeout_seconds", self.handshake_timeout_seconds),
-            ("request_body_timeout_seconds", self.request_body_timeout_seconds),
+            (
+                "request_body_timeout_seconds",
+                self.request_body_timeout_seconds,
+            ),
             ("worker_threads", self.worker_threads as u64),
         ] {
             if value == 0 {

@@ -303,7 +303,9 @@ mod tests {
     #[test]
     fn an_error_stays_trailers_only() {
         // hyper ends the HEADERS frame with END_STREAM only when the body says it is over.
-        let response = Reply::error(Status::not_found("gone")).into_response().unwrap();
+        let response = Reply::error(Status::not_found("gone"))
+            .into_response()
+            .unwrap();
         assert!(response.body().is_end_stream());
         assert_eq!(head_code(response.headers()), Some(Code::NotFound));
     }
@@ -321,7 +323,10 @@ mod tests {
 
     #[tokio::test]
     async fn an_oversized_response_is_resource_exhausted() {
-        let big = Bytes::from(vec![0u8; codec::MAX_MESSAGE_BYTES + codec::FRAME_HEADER_BYTES + 1]);
+        let big = Bytes::from(vec![
+            0u8;
+            codec::MAX_MESSAGE_BYTES + codec::FRAME_HEADER_BYTES + 1
+        ]);
         let response = http::Response::new(Body::new(Full::new(big)));
         let reply = Reply::collect(Ok(response)).await;
         assert_eq!(reply.code(), Code::ResourceExhausted);

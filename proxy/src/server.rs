@@ -214,7 +214,8 @@ struct Route {
 impl tower::Service<http::Request<Incoming>> for Route {
     type Response = http::Response<Body>;
     type Error = Reset;
-    type Future = std::pin::Pin<Box<dyn Future<Output = Result<http::Response<Body>, Reset>> + Send>>;
+    type Future =
+        std::pin::Pin<Box<dyn Future<Output = Result<http::Response<Body>, Reset>> + Send>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Reset>> {
         Poll::Ready(Ok(()))
