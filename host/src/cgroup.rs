@@ -370,6 +370,7 @@ pub fn check(
     Check {
         pid,
         matches: mismatches.is_empty() && missing.is_empty(),
+        unverified: false,
         mismatches,
         missing,
         error: None,
@@ -377,19 +378,37 @@ pub fn check(
 }
 
 /// Reads `<proc_root>/<pid>/cgroup` and checks `expected` against it; a read failure is recorded
-/// in the check rather than returned.
+/// in the check rather than returned. A process that is gone (or a zombie, whose cgroups are
+/// being torn down) by the end of the check makes it unverified, not a mismatch: a container that
+/// exits at once says nothing about where it was placed.
 pub fn check_pid(proc_root: &Path, pid: u32, mounts: &CgroupMounts, expected: &Placement) -> Check {
     let path = proc_root.join(pid.to_string()).join("cgroup");
-    match fs::read_to_string(&path) {
+    let mut check = match fs::read_to_string(&path) {
         Ok(text) => check(pid, mounts, expected, &parse_proc_cgroup(&text)),
         Err(e) => Check {
             pid,
             matches: false,
+            unverified: false,
             mismatches: Vec::new(),
             missing: Vec::new(),
             error: Some(format!("read {}: {e}", path.display())),
         },
+    };
+    if !check.matches && !alive(proc_root, pid) {
+        check.unverified = true;
     }
+    check
+}
+
+/// Whether `<proc_root>/<pid>` is a process that has not exited (its `stat` state is not `Z`).
+fn alive(proc_root: &Path, pid: u32) -> bool {
+    let Ok(stat) = fs::read_to_string(proc_root.join(pid.to_string()).join("stat")) else {
+        return false;
+    };
+    // `pid (comm) state ...`; comm may hold spaces and parentheses: the state follows the last ')'.
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .is_some_and(|state| state != "Z" && state != "X")
 }
 
 /// The fallback for containers without a shim record: the placement a running pid is in, read
@@ -628,8 +647,24 @@ mod tests {
         fs::write(root.join("proc/42/cgroup"), format!("0::{rel}\n")).unwrap();
         let ok = check_pid(&root.join("proc"), 42, &mounts, &expected);
         assert!(ok.matches, "{ok:?}");
+        // No stat file in the fixture: a pid whose /proc entry is there counts as alive only
+        // when its stat says so.
+        fs::write(root.join("proc/42/stat"), "42 (sleep) S 1 42 42 0\n").unwrap();
+        let ok = check_pid(&root.join("proc"), 42, &mounts, &expected);
+        assert!(ok.matches && !ok.unverified, "{ok:?}");
+        // A process gone before the check: unverified, not a mismatch.
         let gone = check_pid(&root.join("proc"), 43, &mounts, &expected);
-        assert!(!gone.matches && gone.error.is_some());
+        assert!(!gone.matches && gone.unverified && gone.error.is_some());
+        // A zombie elsewhere (its cgroups torn down): unverified too.
+        fs::create_dir_all(root.join("proc/44")).unwrap();
+        fs::write(root.join("proc/44/cgroup"), "0::/\n").unwrap();
+        fs::write(root.join("proc/44/stat"), "44 (a (b) c) Z 1 44 44 0\n").unwrap();
+        let zombie = check_pid(&root.join("proc"), 44, &mounts, &expected);
+        assert!(!zombie.matches && zombie.unverified, "{zombie:?}");
+        // A live process elsewhere is a mismatch.
+        fs::write(root.join("proc/44/stat"), "44 (a (b) c) S 1 44 44 0\n").unwrap();
+        let elsewhere = check_pid(&root.join("proc"), 44, &mounts, &expected);
+        assert!(!elsewhere.matches && !elsewhere.unverified, "{elsewhere:?}");
 
         let observed = observe(&root.join("proc"), &mounts, ID, 42, None).unwrap();
         assert_eq!(observed.source, Source::Proc);
