@@ -378,12 +378,45 @@ pub fn check(
 }
 
 /// Reads `<proc_root>/<pid>/cgroup` and checks `expected` against it; a read failure is recorded
-/// in the check rather than returned. A process that is gone (or a zombie, whose cgroups are
-/// being torn down) by the end of the check makes it unverified, not a mismatch: a container that
-/// exits at once says nothing about where it was placed.
+/// in the check rather than returned.
+///
+/// A process that is exiting says nothing about where it was placed: the kernel moves it to each
+/// hierarchy's root before it becomes a zombie, so a container that exits at once reads as being
+/// in `/`. A check that does not match is therefore confirmed: up to [`CONFIRM_TRIES`] more reads
+/// [`CONFIRM_WAIT`] apart, and if by then the process is gone or a zombie the check is
+/// unverified, not a mismatch. (Only a mismatch waits; a matching check returns at once.)
 pub fn check_pid(proc_root: &Path, pid: u32, mounts: &CgroupMounts, expected: &Placement) -> Check {
+    let mut check = read_and_check(proc_root, pid, mounts, expected);
+    for _ in 0..CONFIRM_TRIES {
+        if check.matches {
+            return check;
+        }
+        if !alive(proc_root, pid) {
+            check.unverified = true;
+            return check;
+        }
+        std::thread::sleep(CONFIRM_WAIT);
+        check = read_and_check(proc_root, pid, mounts, expected);
+    }
+    if !check.matches && !alive(proc_root, pid) {
+        check.unverified = true;
+    }
+    check
+}
+
+/// How many times, and how far apart, a check that does not match is read again before it is a
+/// mismatch (an exiting process turns into a zombie within microseconds).
+pub const CONFIRM_TRIES: usize = 3;
+pub const CONFIRM_WAIT: std::time::Duration = std::time::Duration::from_millis(10);
+
+fn read_and_check(
+    proc_root: &Path,
+    pid: u32,
+    mounts: &CgroupMounts,
+    expected: &Placement,
+) -> Check {
     let path = proc_root.join(pid.to_string()).join("cgroup");
-    let mut check = match fs::read_to_string(&path) {
+    match fs::read_to_string(&path) {
         Ok(text) => check(pid, mounts, expected, &parse_proc_cgroup(&text)),
         Err(e) => Check {
             pid,
@@ -393,11 +426,7 @@ pub fn check_pid(proc_root: &Path, pid: u32, mounts: &CgroupMounts, expected: &P
             missing: Vec::new(),
             error: Some(format!("read {}: {e}", path.display())),
         },
-    };
-    if !check.matches && !alive(proc_root, pid) {
-        check.unverified = true;
     }
-    check
 }
 
 /// Whether `<proc_root>/<pid>` is a process that has not exited (its `stat` state is not `Z`).

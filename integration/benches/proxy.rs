@@ -196,7 +196,9 @@ impl StalledReader {
             let request = http::Request::post(format!("http://localhost{LIST}"))
                 .header("content-type", "application/grpc")
                 .header("te", "trailers")
-                .body(http_body_util::Full::new(dockhand_protos::codec::frame(b"")))
+                .body(http_body_util::Full::new(dockhand_protos::codec::frame(
+                    b"",
+                )))
                 .unwrap();
             responses.push(sender.send_request(request).await.expect("list"));
         }
