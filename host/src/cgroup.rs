@@ -370,6 +370,7 @@ pub fn check(
     Check {
         pid,
         matches: mismatches.is_empty() && missing.is_empty(),
+        unverified: false,
         mismatches,
         missing,
         error: None,
@@ -378,18 +379,65 @@ pub fn check(
 
 /// Reads `<proc_root>/<pid>/cgroup` and checks `expected` against it; a read failure is recorded
 /// in the check rather than returned.
+///
+/// A process that is exiting says nothing about where it was placed: the kernel moves it to each
+/// hierarchy's root before it becomes a zombie, so a container that exits at once reads as being
+/// in `/`. A check that does not match is therefore confirmed: up to [`CONFIRM_TRIES`] more reads
+/// [`CONFIRM_WAIT`] apart, and if by then the process is gone or a zombie the check is
+/// unverified, not a mismatch. (Only a mismatch waits; a matching check returns at once.)
 pub fn check_pid(proc_root: &Path, pid: u32, mounts: &CgroupMounts, expected: &Placement) -> Check {
+    let mut check = read_and_check(proc_root, pid, mounts, expected);
+    for _ in 0..CONFIRM_TRIES {
+        if check.matches {
+            return check;
+        }
+        if !alive(proc_root, pid) {
+            check.unverified = true;
+            return check;
+        }
+        std::thread::sleep(CONFIRM_WAIT);
+        check = read_and_check(proc_root, pid, mounts, expected);
+    }
+    if !check.matches && !alive(proc_root, pid) {
+        check.unverified = true;
+    }
+    check
+}
+
+/// How many times, and how far apart, a check that does not match is read again before it is a
+/// mismatch (an exiting process turns into a zombie within microseconds).
+pub const CONFIRM_TRIES: usize = 3;
+pub const CONFIRM_WAIT: std::time::Duration = std::time::Duration::from_millis(10);
+
+fn read_and_check(
+    proc_root: &Path,
+    pid: u32,
+    mounts: &CgroupMounts,
+    expected: &Placement,
+) -> Check {
     let path = proc_root.join(pid.to_string()).join("cgroup");
     match fs::read_to_string(&path) {
         Ok(text) => check(pid, mounts, expected, &parse_proc_cgroup(&text)),
         Err(e) => Check {
             pid,
             matches: false,
+            unverified: false,
             mismatches: Vec::new(),
             missing: Vec::new(),
             error: Some(format!("read {}: {e}", path.display())),
         },
     }
+}
+
+/// Whether `<proc_root>/<pid>` is a process that has not exited (its `stat` state is not `Z`).
+fn alive(proc_root: &Path, pid: u32) -> bool {
+    let Ok(stat) = fs::read_to_string(proc_root.join(pid.to_string()).join("stat")) else {
+        return false;
+    };
+    // `pid (comm) state ...`; comm may hold spaces and parentheses: the state follows the last ')'.
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .is_some_and(|state| state != "Z" && state != "X")
 }
 
 /// The fallback for containers without a shim record: the placement a running pid is in, read
@@ -628,8 +676,24 @@ mod tests {
         fs::write(root.join("proc/42/cgroup"), format!("0::{rel}\n")).unwrap();
         let ok = check_pid(&root.join("proc"), 42, &mounts, &expected);
         assert!(ok.matches, "{ok:?}");
+        // No stat file in the fixture: a pid whose /proc entry is there counts as alive only
+        // when its stat says so.
+        fs::write(root.join("proc/42/stat"), "42 (sleep) S 1 42 42 0\n").unwrap();
+        let ok = check_pid(&root.join("proc"), 42, &mounts, &expected);
+        assert!(ok.matches && !ok.unverified, "{ok:?}");
+        // A process gone before the check: unverified, not a mismatch.
         let gone = check_pid(&root.join("proc"), 43, &mounts, &expected);
-        assert!(!gone.matches && gone.error.is_some());
+        assert!(!gone.matches && gone.unverified && gone.error.is_some());
+        // A zombie elsewhere (its cgroups torn down): unverified too.
+        fs::create_dir_all(root.join("proc/44")).unwrap();
+        fs::write(root.join("proc/44/cgroup"), "0::/\n").unwrap();
+        fs::write(root.join("proc/44/stat"), "44 (a (b) c) Z 1 44 44 0\n").unwrap();
+        let zombie = check_pid(&root.join("proc"), 44, &mounts, &expected);
+        assert!(!zombie.matches && zombie.unverified, "{zombie:?}");
+        // A live process elsewhere is a mismatch.
+        fs::write(root.join("proc/44/stat"), "44 (a (b) c) S 1 44 44 0\n").unwrap();
+        let elsewhere = check_pid(&root.join("proc"), 44, &mounts, &expected);
+        assert!(!elsewhere.matches && !elsewhere.unverified, "{elsewhere:?}");
 
         let observed = observe(&root.join("proc"), &mounts, ID, 42, None).unwrap();
         assert_eq!(observed.source, Source::Proc);

@@ -152,6 +152,11 @@ pub struct Check {
     pub pid: u32,
     /// True when every hierarchy matches and every directory exists.
     pub matches: bool,
+    /// True when the process was gone before it could be checked (a container that exits at
+    /// once): neither a match nor a mismatch. `matches` is false and `error` or the fields
+    /// below say what was seen.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unverified: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mismatches: Vec<Mismatch>,
     /// Resolved directories that do not exist.

@@ -8,7 +8,11 @@
 //! 2. CreateContainer (~10 KB, 20 mounts, 50 annotations) through the intercepted path (decision
 //!    plus byte edit) against the same bytes on a path the proxy passes through untouched, and the
 //!    decision plus edit alone, in process.
-//! 3. The real containerd (sandboxed by the harness): Version, ContainerStatus, ListContainers.
+//!    Then callers beside each other: a Version call's p99 while 500 ListContainers(1,000) stream
+//!    on another connection, and while one caller has 5 of them stalled (never read, 64 KiB
+//!    windows), each as a ratio to the same figure without them.
+//! 3. The real containerd (sandboxed by the harness): Version, ContainerStatus, ListContainers,
+//!    and throughput with 16 concurrent callers.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -149,6 +153,107 @@ async fn throughput(
     (callers * each) as f64 / started.elapsed().as_secs_f64()
 }
 
+/// A Version call's p50/p99 on a connection of its own while `streams` ListContainers(1,000)
+/// calls stream on another connection (none: alone).
+async fn version_beside_lists(socket: &Path, streams: usize) -> Latency {
+    let busy = Client::new(socket).await;
+    let mut tasks = Vec::new();
+    for _ in 0..streams {
+        let mut client = busy.clone();
+        tasks.push(tokio::spawn(async move {
+            client.call(LIST, &Bytes::new()).await;
+        }));
+    }
+    let mut probe = Client::new(socket).await;
+    let sampled = latency(&mut probe, VERSION, &Bytes::new(), 300).await;
+    for task in tasks {
+        task.await.unwrap();
+    }
+    sampled
+}
+
+/// A caller that asked for 5 ListContainers(1,000) and reads none of them: 64 KiB windows, the
+/// responses held unread while it lives.
+struct StalledReader {
+    _sender: hyper::client::conn::http2::SendRequest<http_body_util::Full<Bytes>>,
+    _responses: Vec<http::Response<hyper::body::Incoming>>,
+}
+
+impl StalledReader {
+    async fn start(socket: &Path) -> StalledReader {
+        let stream = UnixStream::connect(socket).await.expect("connect");
+        let (mut sender, connection) =
+            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .initial_stream_window_size(65_535)
+                .initial_connection_window_size(65_535)
+                .adaptive_window(false)
+                .handshake(TokioIo::new(stream))
+                .await
+                .expect("handshake");
+        tokio::spawn(connection);
+        let mut responses = Vec::new();
+        for _ in 0..5 {
+            let request = http::Request::post(format!("http://localhost{LIST}"))
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(http_body_util::Full::new(dockhand_protos::codec::frame(
+                    b"",
+                )))
+                .unwrap();
+            responses.push(sender.send_request(request).await.expect("list"));
+        }
+        StalledReader {
+            _sender: sender,
+            _responses: responses,
+        }
+    }
+}
+
+/// A Version call's p50/p99 on a connection of its own while a [`StalledReader`] is stuck.
+async fn version_beside_stalled(socket: &Path) -> Latency {
+    let _stalled = StalledReader::start(socket).await;
+    // Let the stalled streams fill every window and buffer they can.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut probe = Client::new(socket).await;
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        latency(&mut probe, VERSION, &Bytes::new(), 2000),
+    )
+    .await
+    .expect("Version answers beside a stalled reader")
+}
+
+fn beside_row(name: &str, alone: &Latency, beside: &Latency) {
+    println!(
+        "{name:<52} p99 alone {:>8.1} µs, beside {:>9.1} µs, ratio {:>6.2}",
+        us(alone.p99),
+        us(beside.p99),
+        us(beside.p99) / us(alone.p99),
+    );
+}
+
+async fn callers_beside_each_other(direct: &Path, proxy: &Path) {
+    println!("\n== callers beside each other (Version on its own connection)");
+    for (name, socket) in [("direct", direct), ("dockhand", proxy)] {
+        let alone = version_beside_lists(socket, 0).await;
+        let beside = version_beside_lists(socket, 500).await;
+        beside_row(
+            &format!("{name}: while 500 ListContainers(1,000) stream"),
+            &alone,
+            &beside,
+        );
+    }
+    for (name, socket) in [("direct", direct), ("dockhand", proxy)] {
+        let alone = version_beside_lists(socket, 0).await;
+        let beside = version_beside_stalled(socket).await;
+        beside_row(
+            &format!("{name}: while one caller stalls 5 lists"),
+            &alone,
+            &beside,
+        );
+    }
+}
+
 fn rss_kib(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let field = |name: &str| {
@@ -188,7 +293,9 @@ impl BinaryProxy {
             &dir.path().join("archive"),
             &dir.path().join("pods"),
         );
-        std::fs::write(&config, archive).unwrap();
+        // DOCKHAND_BENCH_TOML: top-level config keys to try (e.g. `worker_threads = 1`).
+        let extra = std::env::var("DOCKHAND_BENCH_TOML").unwrap_or_default();
+        std::fs::write(&config, format!("{extra}\n{archive}")).unwrap();
         // Its log (a warning per fallback decision) goes to a file, as under systemd.
         let log = std::fs::File::create(dir.path().join("dockhand.log")).unwrap();
         let child = Command::new(dockhand_bin())
@@ -407,6 +514,7 @@ async fn fake_section() {
         rss as f64 / 1024.0,
         hwm as f64 / 1024.0
     );
+    callers_beside_each_other(fake.socket(), &proxy.socket).await;
 }
 
 fn edit_section() {
@@ -507,6 +615,17 @@ async fn containerd_section() {
         let d = latency(&mut direct, path, message, n).await;
         let p = latency(&mut proxied, path, message, n).await;
         row(name, &d, &p);
+    }
+    for (name, path, message, each) in [
+        ("Version", VERSION, &empty, 500),
+        ("ContainerStatus", STATUS, &status_request, 500),
+    ] {
+        let d = throughput(node.containerd_socket(), path, message, 16, each).await;
+        let p = throughput(&proxy.socket(), path, message, 16, each).await;
+        println!(
+            "throughput, 16 callers, {name}: direct {d:.0}/s, proxy {p:.0}/s, ratio {:.3}",
+            p / d
+        );
     }
 }
 

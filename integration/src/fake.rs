@@ -21,8 +21,10 @@ pub enum Answer {
     Message(Bytes),
     /// Several messages (a server stream), then status OK.
     Stream(Vec<Bytes>),
-    /// A trailers-only error.
+    /// A trailers-only error: one HEADERS frame with END_STREAM, as grpc-go servers send it.
     Status(tonic::Code, String),
+    /// The stream reset with this reason (RST_STREAM), no response.
+    Reset(h2::Reason),
     /// The inner answer, after a delay (a slow containerd), without blocking the runtime.
     Delayed(std::time::Duration, Box<Answer>),
 }
@@ -75,13 +77,12 @@ impl FakeUpstream {
                 };
                 let answer = answer.clone();
                 let recorded = recorded.clone();
-                let service = hyper::service::service_fn(
-                    move |request: http::Request<Incoming>| {
+                let service =
+                    hyper::service::service_fn(move |request: http::Request<Incoming>| {
                         let answer = answer.clone();
                         let recorded = recorded.clone();
-                        async move { Ok::<_, Infallible>(respond(request, &*answer, &recorded).await) }
-                    },
-                );
+                        async move { respond(request, &*answer, &recorded).await }
+                    });
                 tokio::spawn(async move {
                     let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), service)
@@ -120,14 +121,13 @@ impl Drop for FakeUpstream {
     }
 }
 
-type FakeBody =
-    StreamBody<futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>>;
+type FakeBody = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
 
 async fn respond(
     request: http::Request<Incoming>,
     answer: &Answerer,
     recorded: &Mutex<Vec<Seen>>,
-) -> http::Response<FakeBody> {
+) -> Result<http::Response<FakeBody>, h2::Error> {
     use http_body_util::BodyExt;
     let path = request.uri().path().to_string();
     let headers = request.headers().clone();
@@ -149,7 +149,7 @@ async fn respond(
         trailers
     };
     let mut frames = Vec::new();
-    let mut response = http::Response::builder()
+    let response = http::Response::builder()
         .status(200)
         .header("content-type", "application/grpc");
     let mut answer = answer(&path, &message);
@@ -167,15 +167,20 @@ async fn respond(
             frames.push(Ok(Frame::trailers(ok_trailers())));
         }
         Answer::Delayed(..) => unreachable!("unwrapped above"),
+        Answer::Reset(reason) => return Err(h2::Error::from(reason)),
         Answer::Status(code, message) => {
-            response = response
+            // No body at all: hyper puts END_STREAM on the HEADERS frame.
+            let response = response
                 .header("grpc-status", (code as i32).to_string())
-                .header("grpc-message", message);
+                .header("grpc-message", message)
+                .body(http_body_util::Empty::new().boxed_unsync())
+                .expect("valid response");
+            return Ok(response);
         }
     }
-    response
-        .body(StreamBody::new(futures::stream::iter(frames)))
-        .expect("valid response")
+    Ok(response
+        .body(StreamBody::new(futures::stream::iter(frames)).boxed_unsync())
+        .expect("valid response"))
 }
 
 /// dockhand's proxy running in this process in front of `containerd`.

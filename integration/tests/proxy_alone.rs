@@ -431,3 +431,186 @@ async fn shutdown_lets_an_in_flight_call_finish_and_stops_accepting() {
     assert!(!socket.exists(), "the socket is removed");
     assert!(UnixStream::connect(&socket).await.is_err());
 }
+
+/// What a caller's HTTP/2 stack sees of one call: the response head, whether that HEADERS frame
+/// ended the stream (a trailers-only reply), and the trailers after the body, if any.
+struct Framed {
+    head: http::response::Parts,
+    trailers_only: bool,
+    trailers: Option<http::HeaderMap>,
+}
+
+/// One gRPC call on a plain HTTP/2 connection (no gRPC library in between), with grpc-go's
+/// header-list limit (16 MiB) instead of hyper's 16 KiB.
+async fn framed_call(socket: &Path, path: &str, message: &[u8]) -> Result<Framed, hyper::Error> {
+    use http_body_util::BodyExt;
+    let stream = UnixStream::connect(socket).await.expect("connect");
+    let (mut sender, connection) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .max_header_list_size(16 << 20)
+            .handshake(TokioIo::new(stream))
+            .await?;
+    tokio::spawn(connection);
+    let request = http::Request::post(format!("http://localhost{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(http_body_util::Full::new(dockhand_protos::codec::frame(
+            message,
+        )))
+        .unwrap();
+    let response = sender.send_request(request).await?;
+    let (head, body) = response.into_parts();
+    let trailers_only = hyper::body::Body::is_end_stream(&body);
+    let trailers = body.collect().await?.trailers().cloned();
+    Ok(Framed {
+        head,
+        trailers_only,
+        trailers,
+    })
+}
+
+fn grpc_status(headers: &http::HeaderMap) -> Option<&str> {
+    headers.get("grpc-status").and_then(|v| v.to_str().ok())
+}
+
+const INTERCEPTED: [&str; 5] = [
+    "/runtime.v1.RuntimeService/CreateContainer",
+    "/runtime.v1.RuntimeService/StartContainer",
+    "/runtime.v1.RuntimeService/ReopenContainerLog",
+    "/runtime.v1.RuntimeService/RemoveContainer",
+    "/runtime.v1.RuntimeService/ContainerStatus",
+];
+
+#[tokio::test]
+async fn errors_stay_trailers_only() {
+    // grpc-go clients (kubelet, crictl) read headers + an empty DATA frame as "Internal: server
+    // closed the stream without sending trailers": the framing is part of the answer.
+    let fake = FakeUpstream::start(|path, _| {
+        Answer::Status(tonic::Code::NotFound, format!("{path}: not found"))
+    })
+    .await;
+    let proxy = InProcessProxy::start(fake.socket(), "").await;
+    for path in INTERCEPTED
+        .iter()
+        .chain(&["/runtime.v1.RuntimeService/Version"])
+    {
+        let direct = framed_call(fake.socket(), path, b"").await.unwrap();
+        let proxied = framed_call(proxy.socket(), path, b"").await.unwrap();
+        assert!(
+            direct.trailers_only,
+            "{path}: the fake itself is trailers-only"
+        );
+        assert!(
+            proxied.trailers_only,
+            "{path}: through dockhand the error is not one HEADERS frame with END_STREAM"
+        );
+        assert_eq!(grpc_status(&proxied.head.headers), Some("5"), "{path}");
+        assert_eq!(
+            proxied.head.headers.get("grpc-message"),
+            direct.head.headers.get("grpc-message"),
+            "{path}"
+        );
+        assert!(proxied.trailers.is_none(), "{path}");
+    }
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn successes_keep_headers_data_trailers() {
+    let fake = FakeUpstream::start(|_, _| Answer::Message(Bytes::from_static(b"\x0a\x01x"))).await;
+    let proxy = InProcessProxy::start(fake.socket(), "").await;
+    for path in [
+        "/runtime.v1.RuntimeService/ContainerStatus",
+        "/runtime.v1.RuntimeService/Version",
+    ] {
+        let proxied = framed_call(proxy.socket(), path, b"").await.unwrap();
+        assert!(!proxied.trailers_only, "{path}");
+        assert_eq!(grpc_status(&proxied.head.headers), None, "{path}");
+        let trailers = proxied.trailers.expect("trailers after the message");
+        assert_eq!(grpc_status(&trailers), Some("0"), "{path}");
+    }
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn resets_reach_the_caller_with_their_reason() {
+    // containerd (grpc-go) resets streams it refuses; a caller must see the same reset, which its
+    // library maps to a code (REFUSED_STREAM: Unavailable, CANCEL: Cancelled, ...), not a status
+    // dockhand made up.
+    let fake = FakeUpstream::start(|path, _| {
+        if path.ends_with("/Version") {
+            Answer::Reset(h2::Reason::REFUSED_STREAM)
+        } else {
+            Answer::Reset(h2::Reason::ENHANCE_YOUR_CALM)
+        }
+    })
+    .await;
+    let proxy = InProcessProxy::start(fake.socket(), "").await;
+    for (path, reason, code) in [
+        (
+            "/runtime.v1.RuntimeService/Version",
+            h2::Reason::REFUSED_STREAM,
+            tonic::Code::Unavailable,
+        ),
+        (
+            "/runtime.v1.RuntimeService/ContainerStatus",
+            h2::Reason::ENHANCE_YOUR_CALM,
+            tonic::Code::ResourceExhausted,
+        ),
+    ] {
+        let error = match framed_call(proxy.socket(), path, b"").await {
+            Ok(framed) => panic!("{path}: answered {:?} instead of a reset", framed.head),
+            Err(e) => e,
+        };
+        let h2 = std::error::Error::source(&error)
+            .and_then(|e| e.downcast_ref::<h2::Error>())
+            .unwrap_or_else(|| panic!("{path}: not a stream reset: {error}"));
+        assert_eq!(h2.reason(), Some(reason), "{path}");
+        let status = unary(proxy.socket(), path, Bytes::new()).await.unwrap_err();
+        assert_eq!(status.code(), code, "{path}: {status:?}");
+    }
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_17_kb_error_message_passes() {
+    // containerd echoes the id it was given into grpc-message: a 17,000-byte id makes a header
+    // list larger than hyper's 16 KiB default, well under grpc-go's 16 MiB.
+    let fake = FakeUpstream::start(|_, _| {
+        Answer::Status(
+            tonic::Code::NotFound,
+            format!("container {} not found", "a".repeat(17_000)),
+        )
+    })
+    .await;
+    let proxy = InProcessProxy::start(fake.socket(), "").await;
+    for path in [
+        "/runtime.v1.RuntimeService/ContainerStatus",
+        "/runtime.v1.RuntimeService/StopContainer",
+    ] {
+        let proxied = framed_call(proxy.socket(), path, b"").await.unwrap();
+        assert_eq!(grpc_status(&proxied.head.headers), Some("5"), "{path}");
+        let message = proxied.head.headers["grpc-message"].len();
+        assert!(message > 17_000, "{path}: grpc-message of {message} bytes");
+    }
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn request_bodies_are_bounded() {
+    let fake = FakeUpstream::start(|_, _| Answer::Message(Bytes::new())).await;
+    let proxy = InProcessProxy::start(fake.socket(), "").await;
+    let path = "/runtime.v1.RuntimeService/CreateContainer";
+    // One byte over kubelet's 16 MiB message limit: refused without reaching containerd.
+    let big = vec![0u8; (16 << 20) + 1];
+    let proxied = framed_call(proxy.socket(), path, &big).await.unwrap();
+    assert_eq!(grpc_status(&proxied.head.headers), Some("8"));
+    assert!(fake.seen_for(path).is_empty());
+    // Exactly 16 MiB is a message kubelet may send: it reaches containerd.
+    let limit = vec![0u8; 16 << 20];
+    let proxied = framed_call(proxy.socket(), path, &limit).await.unwrap();
+    let trailers = proxied.trailers.expect("a whole answer");
+    assert_eq!(grpc_status(&trailers), Some("0"));
+    assert_eq!(fake.seen_for(path).len(), 1);
+    proxy.shutdown().await;
+}

@@ -532,3 +532,42 @@ async fn placement_shows_in_verbose_status_and_dockhand_cgroups() {
     );
     assert!(record::read(&shim.records(), &id).unwrap().is_none());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_container_that_exits_at_once_is_unverified_not_a_mismatch() {
+    // A container that is gone by the time its Start returns (a failing init, a one-shot job):
+    // the shim cannot read /proc/<pid>/cgroup any more, which says nothing about its placement.
+    // Its record goes with the task's delete right after; what stays is the shim's log line.
+    let shim = ShimInstall::new().unwrap();
+    let node = node_with(Some(&shim)).await.unwrap();
+    let cri = node.cri().await.unwrap();
+    let pod = cri.run_pod(&PodSpec::new("oneshot")).await.unwrap();
+    for attempt in 0..5 {
+        let spec = ContainerSpec::new(&format!("quick-{attempt}"), &["true"]);
+        let id = cri.run_container(&pod, &spec).await.unwrap();
+        cri.wait_exited(&id, Duration::from_secs(20)).await.unwrap();
+    }
+    // containerd copies the shim's log into its own.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let log = loop {
+        let log = node.containerd_log();
+        if log.contains("recorded as unverified") || Instant::now() > deadline {
+            break log;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        !log.contains("does not match /proc/<pid>/cgroup"),
+        "an exited process was reported as a mismatch:\n{}",
+        log.lines()
+            .filter(|l| l.contains("does not match"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // `true` exits within microseconds: in 5 tries the check ran after the exit at least once.
+    assert!(
+        log.contains("recorded as unverified"),
+        "no check ran after its process exited:\n{}",
+        node.containerd_log_tail(40)
+    );
+}

@@ -39,6 +39,12 @@ pub struct Config {
     pub connect_timeout_seconds: u64,
     /// Seconds SIGTERM waits for in-flight calls before closing connections.
     pub drain_timeout_seconds: u64,
+    /// Seconds a new connection may take to send its HTTP/2 preface before it is dropped.
+    pub handshake_timeout_seconds: u64,
+    /// Seconds an intercepted call's request body may take to arrive in full.
+    pub request_body_timeout_seconds: u64,
+    /// Threads that serve calls: 1 runs everything on one thread.
+    pub worker_threads: usize,
     /// Where containerd-shim-dockhand-v2 writes cgroup placement records.
     pub cgroup_records: PathBuf,
     pub propagation: PropagationConfig,
@@ -54,6 +60,9 @@ impl Default for Config {
             metrics_address: None,
             connect_timeout_seconds: 2,
             drain_timeout_seconds: 10,
+            handshake_timeout_seconds: 10,
+            request_body_timeout_seconds: 30,
+            worker_threads: 2,
             cgroup_records: dockhand_host::record::DEFAULT_DIR.into(),
             propagation: PropagationConfig::default(),
             archive: ArchiveConfig::default(),
@@ -323,11 +332,21 @@ impl Config {
         }
         self.archive.validate()?;
         self.check.validate()?;
-        if self.connect_timeout_seconds == 0 {
-            return Err(ConfigError::Invalid {
-                key: "connect_timeout_seconds",
-                reason: "must be at least 1".into(),
-            });
+        for (key, value) in [
+            ("connect_timeout_seconds", self.connect_timeout_seconds),
+            ("handshake_timeout_seconds", self.handshake_timeout_seconds),
+            (
+                "request_body_timeout_seconds",
+                self.request_body_timeout_seconds,
+            ),
+            ("worker_threads", self.worker_threads as u64),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: "must be at least 1".into(),
+                });
+            }
         }
         Ok(())
     }

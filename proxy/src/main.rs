@@ -81,13 +81,27 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    // One thread: a node-local proxy needs no more, leaves the cores to kubelet and containerd,
-    // and a call's hops stay on one thread (make bench: lower latency and RSS than two workers).
-    // Anything that may block (filesystem work on host paths, compression) runs on tokio's
-    // blocking pool or the archive's own thread.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build();
+    // The CLI's commands run on one thread. The proxy reads its config first: `worker_threads`
+    // (default 2) decides its runtime, which make bench measured against one thread. Anything
+    // that may block (filesystem work on host paths, compression) runs on tokio's blocking pool
+    // or the archive's own thread.
+    let mut proxy_config = None;
+    let mut builder = tokio::runtime::Builder::new_current_thread();
+    if let Command::Proxy(args) = &cli.command {
+        let config = match load_config(args) {
+            Ok(config) => config,
+            Err(e) => {
+                eprintln!("dockhand: {:#}", anyhow::Error::from(e));
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        };
+        if config.worker_threads > 1 {
+            builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(config.worker_threads);
+        }
+        proxy_config = Some(config);
+    }
+    let runtime = builder.enable_all().build();
     let runtime = match runtime {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -96,8 +110,10 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
+        if let Some(config) = proxy_config {
+            return proxy(config).await;
+        }
         match cli.command {
-            Command::Proxy(args) => proxy(args).await,
             Command::Cgroups(args) => dockhand::cli::cgroups::run(args)
                 .await
                 .map(|()| ExitCode::SUCCESS),
@@ -113,7 +129,9 @@ fn main() -> ExitCode {
             }
             Command::Logs(args) => dockhand::cli::logs::run(&args, &mut std::io::stdout().lock())
                 .map(|()| ExitCode::SUCCESS),
-            Command::StatfsProbe(_) => unreachable!("handled before the runtime starts"),
+            Command::Proxy(_) | Command::StatfsProbe(_) => {
+                unreachable!("handled before the runtime starts")
+            }
         }
     });
     match result {
@@ -125,14 +143,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
-    let config = match load_config(&args) {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("dockhand: {:#}", anyhow::Error::from(e));
-            return Ok(ExitCode::from(EXIT_CONFIG));
-        }
-    };
+async fn proxy(config: Config) -> anyhow::Result<ExitCode> {
     let mut registry = prometheus_client::registry::Registry::default();
     let proxy = server::Proxy::new(&config, &mut registry)?;
     let listener = server::bind(&config.listen)?;

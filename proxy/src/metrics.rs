@@ -21,7 +21,7 @@ use tonic::body::Body;
 use tonic::Code;
 use tracing::Instrument;
 
-use crate::grpc::head_code;
+use crate::grpc::{head_code, Reset};
 
 /// CRI methods by name; any other path is counted as `other` so callers cannot grow the label set.
 const CRI_METHODS: &[&str] = &[
@@ -174,14 +174,14 @@ pub struct Metered<S> {
 
 impl<S, B> tower::Service<http::Request<B>> for Metered<S>
 where
-    S: tower::Service<http::Request<B>, Response = http::Response<Body>, Error = Infallible>,
+    S: tower::Service<http::Request<B>, Response = http::Response<Body>, Error = Reset>,
     S::Future: Send + 'static,
 {
     type Response = http::Response<Body>;
-    type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<http::Response<Body>, Infallible>> + Send>>;
+    type Error = Reset;
+    type Future = Pin<Box<dyn Future<Output = Result<http::Response<Body>, Reset>> + Send>>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Reset>> {
         self.inner.poll_ready(cx)
     }
 
@@ -193,7 +193,14 @@ where
         let response = self.inner.call(request);
         Box::pin(
             async move {
-                let Ok(response) = response.await;
+                let response = match response.await {
+                    Ok(response) => response,
+                    Err(reset) => {
+                        // A relayed reset: the caller's library reports it as this code.
+                        metrics.observe(method, reset.code(), started.elapsed());
+                        return Err(reset);
+                    }
+                };
                 let recorder = Recorder {
                     metrics,
                     method,
@@ -267,7 +274,10 @@ impl http_body::Body for MeteredBody {
                     self.recorder.record(code);
                 }
             }
-            Poll::Ready(Some(Err(_))) => self.recorder.record(Code::Unavailable),
+            Poll::Ready(Some(Err(e))) => {
+                let code = Reset::find(e).map_or(Code::Unavailable, |reset| reset.code());
+                self.recorder.record(code);
+            }
             Poll::Ready(None) => self.recorder.record(Code::Unknown),
             Poll::Pending => {}
         }

@@ -1,6 +1,9 @@
-//! The connection to containerd: one shared HTTP/2 connection over its unix socket, used by every
-//! call at once (HTTP/2 multiplexes), made again by the first call after it breaks. A containerd
-//! that is down answers UNAVAILABLE at once, never a hang.
+//! Connections to containerd over its unix socket. Each caller's connection to dockhand gets an
+//! HTTP/2 connection to containerd of its own ([`Upstream::for_caller`]), as a pass-through proxy
+//! naturally has: HTTP/2 flow control is per connection, so bytes one caller does not read hold
+//! back only that caller, as they would against containerd directly. dockhand's own calls (the
+//! archive's) share one more. A connection is made by the first call that needs it and again
+//! after it breaks; a containerd that is down answers UNAVAILABLE at once, never a hang.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -14,7 +17,11 @@ use tokio::net::UnixStream;
 use tonic::body::Body;
 use tonic::Status;
 
-use crate::grpc::Reply;
+use crate::grpc::{Reply, Reset};
+
+/// The largest header list dockhand accepts from containerd: grpc-go's default (16 MiB), not
+/// hyper's 16 KiB. containerd echoes ids into `grpc-message`, so a 17 KB id makes a 17 KB header.
+pub const MAX_HEADER_LIST_BYTES: u32 = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -52,6 +59,12 @@ impl Upstream {
         }
     }
 
+    /// The same containerd, on a connection of its own (made by its first call, closed when the
+    /// last clone is dropped): one per caller's connection.
+    pub fn for_caller(&self) -> Upstream {
+        Upstream::new(&self.inner.socket, self.inner.connect_timeout)
+    }
+
     async fn sender(&self) -> Result<SendRequest<Body>, UpstreamError> {
         if let Some(sender) = self
             .inner
@@ -76,6 +89,7 @@ impl Upstream {
             .initial_connection_window_size(4 << 20)
             .max_frame_size(1 << 20)
             .max_send_buf_size(codec::MAX_MESSAGE_BYTES)
+            .max_header_list_size(MAX_HEADER_LIST_BYTES)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(UpstreamError::Handshake)?;
@@ -110,18 +124,24 @@ impl Upstream {
         Ok(response.map(Body::new))
     }
 
-    /// Sends a request as it is and returns containerd's response unread (streams stay streams).
-    pub async fn send(&self, request: http::Request<Body>) -> http::Response<Body> {
+    /// Sends a request as it is and returns containerd's response unread (streams stay streams),
+    /// or containerd's reset of the stream. A containerd that cannot be reached answers
+    /// UNAVAILABLE.
+    pub async fn send(&self, request: http::Request<Body>) -> Result<http::Response<Body>, Reset> {
         match self.try_send(request).await {
-            Ok(response) => response,
+            Ok(response) => Ok(response),
             Err(e) => {
+                if let Some(reset) = Reset::find(&e) {
+                    tracing::debug!(reason = ?reset.reason(), "containerd reset a stream");
+                    return Err(reset);
+                }
                 let cause = error_chain(&e);
                 tracing::warn!(socket = %self.inner.socket.display(), error = %cause, "containerd unavailable");
-                Status::unavailable(format!(
+                Ok(Status::unavailable(format!(
                     "dockhand: containerd at {} is unavailable: {cause}",
                     self.inner.socket.display()
                 ))
-                .into_http()
+                .into_http())
             }
         }
     }

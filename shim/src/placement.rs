@@ -220,6 +220,14 @@ impl Recorder {
 }
 
 fn warn_mismatch(record: &Record) {
+    if let Some(check) = record.check.as_ref().filter(|c| c.unverified) {
+        info!(
+            container = %record.container_id,
+            pid = check.pid,
+            "the container's process exited before its cgroup placement could be checked; recorded as unverified"
+        );
+        return;
+    }
     if let Some(check) = record.check.as_ref().filter(|c| !c.matches) {
         warn!(
             container = %record.container_id,

@@ -275,8 +275,10 @@ pub fn render(entries: &[Entry], with_usage: bool) -> String {
                     Source::Proc => "proc",
                 };
                 let mut cgroup = shown_dir(&r.placement);
-                if r.check.as_ref().is_some_and(|c| !c.matches) {
-                    cgroup.push_str(" (MISMATCH)");
+                match &r.check {
+                    Some(c) if c.unverified => cgroup.push_str(" (unverified: exited)"),
+                    Some(c) if !c.matches => cgroup.push_str(" (MISMATCH)"),
+                    _ => {}
                 }
                 (source.to_string(), cgroup)
             }
@@ -407,6 +409,7 @@ mod tests {
             check: Some(record::Check {
                 pid: 1,
                 matches: false,
+                unverified: false,
                 mismatches: Vec::new(),
                 missing: vec!["/sys/fs/cgroup/kubepods/x".into()],
                 error: None,
