@@ -230,6 +230,17 @@ pub fn free_percent(dir: BorrowedFd<'_>) -> io::Result<f64> {
     Ok(vfs.f_bavail as f64 * 100.0 / vfs.f_blocks as f64)
 }
 
+/// Space on the filesystem holding `dir`: (bytes available to unprivileged users, total bytes).
+pub fn space(dir: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
+    let vfs = rfs::fstatvfs(dir).map_err(io)?;
+    let unit = if vfs.f_frsize > 0 {
+        vfs.f_frsize
+    } else {
+        vfs.f_bsize
+    };
+    Ok((vfs.f_bavail * unit, vfs.f_blocks * unit))
+}
+
 /// A single, normal path component: not empty, `.`, `..`, and without `/` or NUL.
 fn check_component(name: &OsStr) -> io::Result<()> {
     let bytes = name.as_bytes();

@@ -47,7 +47,9 @@ use crate::upstream::Upstream;
 
 use dockhand_host::id::IdError;
 use dockhand_host::ContainerId;
-pub use handlers::{ContainerStatus, RemoveContainer, ReopenContainerLog, StartContainer};
+pub use handlers::{
+    ContainerStatus, RemoveContainer, RemovePodSandbox, ReopenContainerLog, StartContainer,
+};
 use meta::info_field;
 pub use meta::meta_from_status;
 use metrics::Metrics;
@@ -117,6 +119,8 @@ struct Staged {
     location: Option<LogLocation>,
     /// Its metadata: as of staging, then from the last ContainerStatus that saw it exited.
     meta: ContainerMeta,
+    /// Its pod sandbox (RemovePodSandbox removes it with the pod).
+    sandbox: String,
 }
 
 #[derive(Default)]
@@ -127,6 +131,10 @@ struct State {
     pending: HashSet<ContainerId>,
     /// Containers whose log was refused (no retry, no second warning).
     refused: HashSet<ContainerId>,
+    /// Generations lost for lack of room, until their container's entry is completed.
+    lost: HashMap<ContainerId, Vec<u32>>,
+    /// Failed finalizations in this run, by container (bounded retries).
+    failures: HashMap<ContainerId, u32>,
 }
 
 enum Job {
@@ -167,7 +175,7 @@ impl Archive {
         registry: &mut Registry,
     ) -> Result<Arc<Archive>, ArchiveError> {
         let staging = Staging::new(&config.staging_dir, &config.pod_logs_dir);
-        staging.check_same_filesystem()?;
+        staging.check_links()?;
         let store = Store::new(&config.dir, config.compression_level);
         let entries = store.recover()?;
         let (sender, receiver) = mpsc::channel();
@@ -191,6 +199,14 @@ impl Archive {
             cgroup_records: cgroup_records.to_path_buf(),
         });
         archive.update_gauges();
+        // Copies a previous run left: of containers no longer archived, half-written, or
+        // beyond the bound.
+        restore::bound(
+            &config.restored_dir,
+            config.restored_max_bytes,
+            None,
+            &archive.complete_ids(),
+        );
         let weak = Arc::downgrade(&archive);
         std::thread::Builder::new()
             .name("dockhand-archive".into())
@@ -233,6 +249,60 @@ impl Archive {
     /// Whether the archive holds this container's log.
     pub fn contains(&self, id: &str) -> bool {
         ContainerId::parse(id).is_ok_and(|id| self.state().archived.contains_key(&id))
+    }
+
+    /// The ids of complete entries (whose restored copies may exist).
+    fn complete_ids(&self) -> HashSet<ContainerId> {
+        self.state()
+            .archived
+            .values()
+            .filter(|e| e.complete)
+            .map(|e| e.container.id.clone())
+            .collect()
+    }
+
+    /// Removes a container's restored copy, on the blocking pool.
+    async fn remove_restored(&self, id: &ContainerId) {
+        let root = self.config.restored_dir.clone();
+        let id = id.clone();
+        let _ = tokio::task::spawn_blocking(move || restore::remove(&root, &id)).await;
+    }
+
+    /// Whether dockhand saw containerd remove this container: its removal was forwarded and
+    /// succeeded (finalization queued), or its entry is complete (only a removal completes one).
+    /// Container ids are never reused, so containerd need not be asked about it again.
+    fn seen_removed(&self, id: &ContainerId) -> bool {
+        let state = self.state();
+        state.pending.contains(id) || state.archived.get(id).is_some_and(|e| e.complete)
+    }
+
+    /// Writes a staged container's metadata to its staging record (fsynced), on the blocking
+    /// pool, and keeps it in memory. A failure is logged: a removal is never held up by it.
+    async fn keep_record(&self, meta: &ContainerMeta) {
+        if let Some(staged) = self.state().staged.get_mut(&meta.id) {
+            staged.meta = meta.clone();
+        }
+        let staging = self.staging.clone();
+        let record = meta.clone();
+        let written = tokio::task::spawn_blocking(move || staging.write_record(&record)).await;
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(container_id = %meta.id, error = %e, "cannot record how the container ended")
+            }
+            Err(e) => tracing::warn!(container_id = %meta.id, error = %e, "staging task failed"),
+        }
+    }
+
+    /// dockhand saw containerd remove a staged container: its finalization is queued.
+    fn removed(&self, id: ContainerId, meta: ContainerMeta) {
+        if !self.state().pending.insert(id.clone()) {
+            return;
+        }
+        self.queue(Job::Finalize {
+            id,
+            meta: Some(Box::new(meta)),
+        });
     }
 
     // ---- staging ------------------------------------------------------------------------
@@ -316,6 +386,7 @@ impl Archive {
                 Staged {
                     location: Some(location),
                     meta,
+                    sandbox: sandbox_id.clone(),
                 },
             );
         }
