@@ -14,8 +14,8 @@ use tonic::Code;
 use tracing::Instrument;
 
 use super::meta::meta_from_status;
-use super::store::ContainerMeta;
 use super::staging::Linked;
+use super::store::ContainerMeta;
 use super::{restore, Archive, Job, FINALIZE_WAIT};
 use crate::grpc::{Interceptor, Reply, UnaryCall};
 

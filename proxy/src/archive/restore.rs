@@ -146,9 +146,7 @@ pub fn bound(
         };
         let used = std::time::UNIX_EPOCH
             + std::time::Duration::new(copy.st_mtime as u64, copy.st_mtime_nsec as u32);
-        let stale = used
-            .elapsed()
-            .is_ok_and(|age| age > super::RESTORED_TTL);
+        let stale = used.elapsed().is_ok_and(|age| age > super::RESTORED_TTL);
         if stale && !in_use {
             drop(dir);
             remove(root, &id);

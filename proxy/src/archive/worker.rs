@@ -200,7 +200,8 @@ impl Archive {
             .and_then(|fd| nofollow::space(std::os::fd::AsFd::as_fd(&fd)));
         match space {
             Ok((available, total)) => {
-                let floor = (total as u128 * u128::from(self.config.min_free_percent)).div_ceil(100);
+                let floor =
+                    (total as u128 * u128::from(self.config.min_free_percent)).div_ceil(100);
                 available.saturating_sub(floor as u64)
             }
             Err(e) => {
