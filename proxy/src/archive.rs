@@ -6,11 +6,16 @@
 //! - StartContainer: the log file is hard-linked into staging (`staging.rs`).
 //! - ReopenContainerLog (rotation): the new file is linked as the next generation and the
 //!   previous one is queued for compression.
-//! - RemoveContainer: forwarded at once; the remaining generations are queued for compression
-//!   into the archive (`store.rs`) with the container's metadata, then staging is cleaned.
-//! - ContainerStatus: when containerd answers NotFound for an archived id, the proxy answers
-//!   with an exited status and a restored copy of the log (`restore.rs`), so `kubectl logs`
-//!   keeps working.
+//! - RemoveContainer: the exit status is made durable in staging, the call forwarded, and the
+//!   remaining generations are queued for compression into the archive (`store.rs`) with the
+//!   container's metadata, then staging is cleaned. RemovePodSandbox does the same for the
+//!   pod's staged containers.
+//! - ContainerStatus: for an id dockhand saw removed, or when containerd answers NotFound for
+//!   an archived id, the proxy answers with an exited status and a restored copy of the log
+//!   (`restore.rs`), so `kubectl logs` keeps working.
+//!
+//! Space is checked before it is used (`worker.rs`): a generation that cannot fit above the
+//! free-space floor fails alone, is undone at once, and releases its staged link.
 //!
 //! One worker thread runs the queue in order (compression, cleanup, retention); every step is
 //! idempotent, and start-up reconciles staging and the archive with what containerd still has.
@@ -165,9 +170,10 @@ pub struct Archive {
 }
 
 impl Archive {
-    /// Opens the archive: checks that staging can hard-link pod logs, repairs what a crash left,
-    /// starts the worker thread and (inside a tokio runtime) the reconciler. Nothing is created
-    /// on disk until the first container is staged.
+    /// Opens the archive: proves that staging can hard-link pod logs (one link made and removed;
+    /// this creates the staging directory, and the pod log root if missing), repairs what a crash
+    /// left, cleans restored copies, starts the worker thread and (inside a tokio runtime) the
+    /// reconciler. The archive directory is created with its first entry.
     pub fn open(
         config: &ArchiveConfig,
         cgroup_records: &Path,
