@@ -282,7 +282,8 @@ impl Archive {
         state.pending.contains(id) || state.archived.get(id).is_some_and(|e| e.complete)
     }
 
-    /// Writes a staged container's metadata to its staging record (fsynced), on the blocking
+    /// Writes a staged container's metadata to its staging record (atomic rename, no fsync: it
+    /// survives a proxy crash; an fsync would wait for the whole dirty log), on the blocking
     /// pool, and keeps it in memory. A failure is logged: a removal is never held up by it.
     async fn keep_record(&self, meta: &ContainerMeta) {
         if let Some(staged) = self.state().staged.get_mut(&meta.id) {
@@ -290,7 +291,8 @@ impl Archive {
         }
         let staging = self.staging.clone();
         let record = meta.clone();
-        let written = tokio::task::spawn_blocking(move || staging.write_record(&record)).await;
+        let written =
+            tokio::task::spawn_blocking(move || staging.write_record_unsynced(&record)).await;
         match written {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {

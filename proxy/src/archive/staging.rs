@@ -363,6 +363,20 @@ impl Staging {
             .map_err(self.io_err(id))
     }
 
+    /// [`Staging::write_record`] without fsync: survives a crash of the proxy, not of the node
+    /// (the worker's `meta.json` is fsynced). RemoveContainer's path uses it: an fsync there
+    /// would wait for the container's whole dirty log to reach the disk.
+    pub fn write_record_unsynced(&self, meta: &ContainerMeta) -> Result<(), StagingError> {
+        let id = &meta.id;
+        let dir = self.create_container(id).map_err(self.io_err(id))?;
+        let text = serde_json::to_vec_pretty(meta).map_err(|source| StagingError::Record {
+            id: id.clone(),
+            path: self.root.join(id.as_str()),
+            source,
+        })?;
+        nofollow::write_replace(dir.as_fd(), RECORD_FILE, &text).map_err(self.io_err(id))
+    }
+
     pub fn write_record(&self, meta: &ContainerMeta) -> Result<(), StagingError> {
         let id = &meta.id;
         let dir = self.create_container(id).map_err(self.io_err(id))?;
