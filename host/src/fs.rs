@@ -149,6 +149,27 @@ pub fn write_atomic_mode(
     sync_dir(dir)
 }
 
+/// [`write_atomic`] without the fsyncs: a crash of the writing process leaves the old or the new
+/// content (the kernel has it), a crash of the machine may leave the old. For a write on a
+/// caller's path whose fsync would also flush other files' dirty data (ext4's ordered mode).
+pub fn write_replace(dir: BorrowedFd<'_>, name: &str, data: &[u8]) -> io::Result<()> {
+    check_component(OsStr::new(name))?;
+    let tmp = temp_name(name);
+    let fd = rfs::openat(
+        dir,
+        tmp.as_str(),
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    )
+    .map_err(io)?;
+    let mut file = File::from(fd);
+    if let Err(e) = file.write_all(data).and_then(|()| rename(dir, &tmp, name)) {
+        let _ = rfs::unlinkat(dir, tmp.as_str(), AtFlags::empty());
+        return Err(e);
+    }
+    Ok(())
+}
+
 /// A fresh temporary name for `name` in the same directory.
 pub fn temp_name(name: &str) -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -228,6 +249,17 @@ pub fn free_percent(dir: BorrowedFd<'_>) -> io::Result<f64> {
         return Ok(100.0);
     }
     Ok(vfs.f_bavail as f64 * 100.0 / vfs.f_blocks as f64)
+}
+
+/// Space on the filesystem holding `dir`: (bytes available to unprivileged users, total bytes).
+pub fn space(dir: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
+    let vfs = rfs::fstatvfs(dir).map_err(io)?;
+    let unit = if vfs.f_frsize > 0 {
+        vfs.f_frsize
+    } else {
+        vfs.f_bsize
+    };
+    Ok((vfs.f_bavail * unit, vfs.f_blocks * unit))
 }
 
 /// A single, normal path component: not empty, `.`, `..`, and without `/` or NUL.

@@ -677,3 +677,451 @@ async fn free_space_floor_drops_the_oldest() -> Result<()> {
     let _ = node.ns_command("umount").arg(&small).status();
     Ok(())
 }
+
+// ---- issue 11: a log archive that cannot destroy itself ---------------------------------------
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// The value of one sample on the proxy's `/metrics` (0 when absent).
+fn metric(port: u16, sample: &str) -> Result<f64> {
+    let text = dockhand_integration::proxy::http_get(port, "/metrics")?;
+    Ok(text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(sample)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0))
+}
+
+/// `dockhand logs --dir <archive> <args>` inside the node's mount namespace; its stdout.
+fn logs_in_node(node: &Node, dirs: &Dirs, args: &[&str]) -> Result<String> {
+    let out = node
+        .ns_command(proxy_binary()?)
+        .args(["logs", "--dir"])
+        .arg(&dirs.archive)
+        .args(args)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "dockhand logs {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// Mounts a tmpfs of `size` at `dir` (created) inside the node's mount namespace: it vanishes
+/// with the node.
+fn mount_tmpfs(node: &Node, dir: &Path, size: &str) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let mounted = node
+        .ns_command("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "archive-fs"])
+        .arg(dir)
+        .status()?
+        .success();
+    ensure!(mounted, "mount tmpfs at {}", dir.display());
+    Ok(())
+}
+
+/// `bytes` of CRI log lines that do not compress (base64 of a xorshift stream).
+fn incompressible_lines(bytes: usize) -> Vec<u8> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut out = Vec::with_capacity(bytes + 200);
+    while out.len() < bytes {
+        out.extend_from_slice(b"2026-12-01T00:00:00.000000000Z stdout F ");
+        for _ in 0..120 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            out.push(ALPHABET[(x >> 58) as usize]);
+        }
+        out.push(b'\n');
+    }
+    out
+}
+
+/// Issue 11.1: the archive on a 16 MiB filesystem, three small containers archived, then one
+/// with a 50 MB log. The big one fails alone: the small ones stay, nothing partial is left,
+/// the loss is counted, its staged link is released, later containers are archived, and a
+/// restart does not try again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_log_that_cannot_fit_fails_alone_and_the_archive_stays() -> Result<()> {
+    let node = Node::start(NodeOptions::default()).await?;
+    let small = node.temp_dir().join("small");
+    mount_tmpfs(&node, &small, "16m")?;
+    let port = free_port()?;
+    let (toml, dirs) = archive_config_in(&node, &small.join("archive"), 15, "");
+    let toml = format!("metrics_address = \"127.0.0.1:{port}\"\n{toml}");
+    let mut proxy = ProxyProcess::start(&node, &toml).await?;
+    let cri = proxy.cri().await?;
+    let spec = PodSpec::new("filler");
+    let pod = cri.run_pod(&spec).await?;
+    let archived = |ids: &[String]| -> Result<Vec<serde_json::Value>> {
+        let entries: Vec<serde_json::Value> = listed_in_node(&node, &dirs)?;
+        Ok(entries
+            .into_iter()
+            .filter(|e| e["complete"] == true && ids.iter().any(|id| e["id"] == id.as_str()))
+            .collect())
+    };
+    let wait_in_node = |ids: Vec<String>| async move {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while archived(&ids)?.len() < ids.len() {
+            ensure!(Instant::now() < deadline, "{ids:?} not archived after 30 s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok::<_, anyhow::Error>(())
+    };
+    let mut small_ids = Vec::new();
+    for attempt in 0..3 {
+        let mut container =
+            ContainerSpec::new("small", &["sh", "-c", &format!("echo small {attempt}")]);
+        container.attempt = attempt;
+        let id = cri.run_container(&pod, &container).await?;
+        cri.wait_exited(&id, WAIT).await?;
+        cri.remove_container_like_kubelet(&id).await?;
+        small_ids.push(id);
+    }
+    wait_in_node(small_ids.clone()).await?;
+
+    // The big one "wrote" 50 MB that does not compress, appended as the runtime would.
+    let big = cri
+        .run_container(&pod, &ContainerSpec::new("big", &["echo", "big"]))
+        .await?;
+    let status = cri.wait_exited(&big, WAIT).await?;
+    let mut file = OpenOptions::new().append(true).open(&status.log_path)?;
+    std::io::Write::write_all(&mut file, &incompressible_lines(50_000_000))?;
+    drop(file);
+    cri.remove_container_like_kubelet(&big).await?;
+
+    // The staged 50 MB link is released from the pod logs' filesystem.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while dirs.staging.join(&big).exists() {
+        ensure!(
+            Instant::now() < deadline,
+            "the big log is still staged after 30 s; proxy log:\n{}",
+            proxy.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        metric(
+            port,
+            "dockhand_archive_lost_logs_total{reason=\"no_space\"}"
+        )?,
+        1.0
+    );
+    assert_eq!(
+        metric(
+            port,
+            "dockhand_archive_dropped_containers_total{reason=\"min_free\"}"
+        )?,
+        0.0
+    );
+    // The three small ones are all still there, whole; nothing of the big one is.
+    assert_eq!(
+        archived(&small_ids)?.len(),
+        3,
+        "{:#?}",
+        listed_in_node(&node, &dirs)?
+    );
+    for (n, id) in small_ids.iter().enumerate() {
+        assert_eq!(logs_in_node(&node, &dirs, &[id])?, format!("small {n}\n"));
+    }
+    assert!(
+        listed_in_node(&node, &dirs)?
+            .iter()
+            .all(|e| e["id"] != big.as_str()),
+        "the big one is listed"
+    );
+    let (free, total) = free_space(&node, &small)?;
+    assert!(
+        free * 10 >= total * 9,
+        "{free} of {total} bytes free: a partial file is left"
+    );
+
+    // Later containers are archived as usual.
+    let later = cri
+        .run_container(&pod, &ContainerSpec::new("later", &["echo", "later"]))
+        .await?;
+    cri.wait_exited(&later, WAIT).await?;
+    cri.remove_container_like_kubelet(&later).await?;
+    wait_in_node(vec![later.clone()]).await?;
+    assert_eq!(logs_in_node(&node, &dirs, &[&later])?, "later\n");
+
+    // A restart finds nothing to retry and drops nothing.
+    let before = listed_in_node(&node, &dirs)?;
+    proxy.restart().await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(listed_in_node(&node, &dirs)?, before);
+    assert!(!dirs.staging.join(&big).exists());
+    let log = proxy.log();
+    assert_eq!(
+        log.matches("no room in the archive").count(),
+        1,
+        "the big log was tried again:\n{log}"
+    );
+    assert!(!log.contains("reason=\"min_free\""), "{log}");
+    let _ = node.ns_command("umount").arg(&small).status();
+    Ok(())
+}
+
+/// Issue 11.2: the proxy killed between RemoveContainer and finalisation; the archived entry
+/// and kubelet's answer keep the exit code, reason and finish time containerd reported.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_after_remove_keeps_the_exit_status() -> Result<()> {
+    let node = Node::start(NodeOptions::default()).await?;
+    let (toml, dirs) = archive_config(&node, "");
+    let paused = PausedProxy::start(&node, &toml, "before_compress").await?;
+    let cri = Cri::connect(&paused.socket, node.info().clone()).await?;
+    let spec = PodSpec::new("failing");
+    let pod = cri.run_pod(&spec).await?;
+    let id = cri
+        .run_container(
+            &pod,
+            &ContainerSpec::new("failing", &["sh", "-c", "echo about to fail; exit 5"]),
+        )
+        .await?;
+    let exited = cri.wait_exited(&id, WAIT).await?;
+    assert_eq!(exited.exit_code, 5);
+    cri.remove_container_like_kubelet(&id).await?;
+    std::fs::remove_dir_all(spec.log_directory(node.logs_root()))?;
+    paused.wait_paused().await?;
+    paused.kill9();
+
+    let proxy = ProxyProcess::start(&node, &toml).await?;
+    let entries = wait_archived(&dirs, std::slice::from_ref(&id)).await?;
+    let entry = entries.iter().find(|e| e["id"] == id.as_str()).unwrap();
+    assert_eq!(entry["exit_code"], 5, "{entry:#}");
+    assert_eq!(dockhand_logs(&dirs, &[&id])?, "about to fail\n");
+    let status = proxy
+        .cri()
+        .await?
+        .container_status(&id, false)
+        .await?
+        .status
+        .context("no status")?;
+    assert_eq!(status.exit_code, 5);
+    assert_eq!(status.reason, exited.reason);
+    assert_eq!(status.finished_at, exited.finished_at);
+    Ok(())
+}
+
+/// Issue 11.3: staging on a bind mount of the pod logs' own filesystem (equal `st_dev`, but
+/// hard links fail across mounts): the proxy refuses to start and names both paths and mounts.
+#[tokio::test(flavor = "multi_thread")]
+async fn staging_on_another_mount_of_the_same_filesystem_is_refused() -> Result<()> {
+    let node = Node::start(NodeOptions::default()).await?;
+    let source = node.temp_dir().join("bind-source");
+    let bound = node.temp_dir().join("bind");
+    std::fs::create_dir_all(&source)?;
+    std::fs::create_dir_all(&bound)?;
+    let mounted = node
+        .ns_command("mount")
+        .arg("--bind")
+        .arg(&source)
+        .arg(&bound)
+        .status()?
+        .success();
+    ensure!(mounted, "bind mount");
+    let staging = bound.join("staging");
+    let toml = format!(
+        "[archive]\ndir = \"{}\"\nstaging_dir = \"{}\"\nrestored_dir = \"{}\"\npod_logs_dir = \"{}\"\nmin_free_percent = 0\n",
+        node.temp_dir().join("archive").display(),
+        staging.display(),
+        node.temp_dir().join("restored").display(),
+        node.logs_root().display()
+    );
+    let started = ProxyProcess::start(&node, &toml).await;
+    let Err(error) = started else {
+        bail!("the proxy started with staging on another mount");
+    };
+    let text = format!("{error:#}");
+    assert!(text.contains("cannot hard-link"), "{text}");
+    assert!(text.contains(&staging.display().to_string()), "{text}");
+    assert!(
+        text.contains(&node.logs_root().display().to_string()),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("mount {}", bound.display())),
+        "{text}"
+    );
+    assert!(
+        text.contains("exited with exit status: 64") || text.contains("exited with"),
+        "{text}"
+    );
+    let _ = node.ns_command("umount").arg(&bound).status();
+    Ok(())
+}
+
+/// Issue 11.4: a pod removed with RemovePodSandbox only (as critest does): its containers are
+/// archived at once, with their exit codes, not by the 5-minute reconciliation.
+#[tokio::test(flavor = "multi_thread")]
+async fn removing_a_pod_archives_its_containers_at_once() -> Result<()> {
+    let node = Node::start(NodeOptions::default()).await?;
+    let (toml, dirs) = archive_config(&node, "");
+    let proxy = ProxyProcess::start(&node, &toml).await?;
+    let cri = proxy.cri().await?;
+    let spec = PodSpec::new("removed-whole");
+    let pod = cri.run_pod(&spec).await?;
+    let one = cri
+        .run_container(&pod, &ContainerSpec::new("one", &["sh", "-c", "echo one"]))
+        .await?;
+    let two = cri
+        .run_container(
+            &pod,
+            &ContainerSpec::new("two", &["sh", "-c", "echo two; exit 3"]),
+        )
+        .await?;
+    for id in [&one, &two] {
+        cri.wait_exited(id, WAIT).await?;
+    }
+    cri.stop_pod(&pod.id).await?;
+    cri.remove_pod(&pod.id).await?;
+    std::fs::remove_dir_all(spec.log_directory(node.logs_root()))?;
+    let entries = wait_archived(&dirs, &[one.clone(), two.clone()]).await?;
+    let exit = |id: &str| entries.iter().find(|e| e["id"] == id).unwrap()["exit_code"].clone();
+    assert_eq!(exit(&one), 0);
+    assert_eq!(exit(&two), 3);
+    assert_eq!(dockhand_logs(&dirs, &[&one])?, "one\n");
+    assert_eq!(dockhand_logs(&dirs, &[&two])?, "two\n");
+    let status = cri
+        .container_status(&two, false)
+        .await?
+        .status
+        .context("no status")?;
+    assert_eq!(status.exit_code, 3);
+    assert_eq!(
+        read_messages(Path::new(&status.log_path), "stdout")?,
+        vec!["two"]
+    );
+    Ok(())
+}
+
+/// Issue 11.6: ContainerStatus for a container dockhand saw removed is answered from the archive
+/// without asking containerd (which logs an error for each); ids it did not see removed are
+/// still asked.
+#[tokio::test(flavor = "multi_thread")]
+async fn statuses_of_removed_containers_do_not_ask_containerd() -> Result<()> {
+    let node = Node::start(NodeOptions::default()).await?;
+    let (toml, dirs) = archive_config(&node, "");
+    let proxy = ProxyProcess::start(&node, &toml).await?;
+    let cri = proxy.cri().await?;
+    let spec = PodSpec::new("asked-often");
+    let pod = cri.run_pod(&spec).await?;
+    let id = cri
+        .run_container(&pod, &ContainerSpec::new("done", &["echo", "done"]))
+        .await?;
+    cri.wait_exited(&id, WAIT).await?;
+    cri.remove_container_like_kubelet(&id).await?;
+    wait_archived(&dirs, std::slice::from_ref(&id)).await?;
+    let mentions = |id: &str| node.containerd_log().matches(id).count();
+    let before = mentions(&id);
+    for _ in 0..50 {
+        let status = cri
+            .container_status(&id, false)
+            .await?
+            .status
+            .context("no status")?;
+        assert_eq!(status.id, id);
+        assert_eq!(status.state, cri::ContainerState::ContainerExited as i32);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        mentions(&id),
+        before,
+        "containerd was asked about a removed container:\n{}",
+        node.containerd_log_tail(10)
+    );
+    // An id dockhand never saw is containerd's to answer.
+    let unknown = "e".repeat(64);
+    let error = cri.container_status(&unknown, false).await.unwrap_err();
+    assert_eq!(error.code(), Code::NotFound);
+    Ok(())
+}
+
+/// Issue 11.5: restored copies stay within `restored_max_bytes` (least recently used go first),
+/// a repeated removal leaves no copy behind, and a restart removes what an earlier run left.
+#[tokio::test(flavor = "multi_thread")]
+async fn restored_copies_are_bounded_and_cleaned() -> Result<()> {
+    const BOUND: u64 = 100_000;
+    let node = Node::start(NodeOptions::default()).await?;
+    let (toml, dirs) = archive_config(&node, &format!("restored_max_bytes = {BOUND}"));
+    let mut proxy = ProxyProcess::start(&node, &toml).await?;
+    let cri = proxy.cri().await?;
+    let pod = cri.run_pod(&PodSpec::new("restored")).await?;
+    let mut ids = Vec::new();
+    for attempt in 0..5 {
+        // About 40 KB of log each (30 KB of base64 plus the CRI prefixes).
+        let mut container = ContainerSpec::new(
+            "noise",
+            &["sh", "-c", "head -c 22000 /dev/urandom | base64"],
+        );
+        container.attempt = attempt;
+        let id = cri.run_container(&pod, &container).await?;
+        cri.wait_exited(&id, WAIT).await?;
+        cri.remove_container_like_kubelet(&id).await?;
+        ids.push(id);
+    }
+    wait_archived(&dirs, &ids).await?;
+    for id in &ids {
+        let status = cri
+            .container_status(id, false)
+            .await?
+            .status
+            .context("no status")?;
+        // The copy being served is always there, whole.
+        let lines = read_messages(Path::new(&status.log_path), "stdout")?;
+        assert!(lines.len() > 300, "{} lines", lines.len());
+        let size = dir_bytes(&dirs.restored);
+        assert!(
+            size <= BOUND,
+            "restored copies take {size} bytes (bound {BOUND})"
+        );
+    }
+    // The most recently served is kept; the first ones were evicted.
+    assert!(dirs
+        .restored
+        .join(ids.last().unwrap())
+        .join("restored.log")
+        .is_file());
+    assert!(!dirs.restored.join(&ids[0]).exists());
+    // kubelet repeats a removal: nothing of the copy is left once it is done.
+    let last = ids.last().unwrap();
+    let status = cri
+        .container_status(last, false)
+        .await?
+        .status
+        .context("no status")?;
+    for file in files_with_prefix(Path::new(&status.log_path))? {
+        std::fs::remove_file(file)?;
+    }
+    cri.container_status(last, false).await?;
+    let _ = cri.remove_container(last).await;
+    assert!(
+        !dirs.restored.join(last).exists(),
+        "a restored copy is left behind"
+    );
+    // Leftovers of an earlier run: a copy of a container not archived, a half-written copy.
+    let stray = dirs.restored.join("f".repeat(64));
+    std::fs::create_dir_all(&stray)?;
+    std::fs::write(stray.join("restored.log"), "stray\n")?;
+    std::fs::create_dir_all(dirs.restored.join(&ids[2]))?;
+    std::fs::write(dirs.restored.join(&ids[2]).join(".tmp.copy.1.1"), "half")?;
+    proxy.restart().await?;
+    assert!(!stray.exists(), "a stray copy survived the restart");
+    assert!(
+        !dirs.restored.join(&ids[2]).exists(),
+        "a half-written copy survived"
+    );
+    Ok(())
+}

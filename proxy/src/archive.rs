@@ -6,11 +6,16 @@
 //! - StartContainer: the log file is hard-linked into staging (`staging.rs`).
 //! - ReopenContainerLog (rotation): the new file is linked as the next generation and the
 //!   previous one is queued for compression.
-//! - RemoveContainer: forwarded at once; the remaining generations are queued for compression
-//!   into the archive (`store.rs`) with the container's metadata, then staging is cleaned.
-//! - ContainerStatus: when containerd answers NotFound for an archived id, the proxy answers
-//!   with an exited status and a restored copy of the log (`restore.rs`), so `kubectl logs`
-//!   keeps working.
+//! - RemoveContainer: the exit status is made durable in staging, the call forwarded, and the
+//!   remaining generations are queued for compression into the archive (`store.rs`) with the
+//!   container's metadata, then staging is cleaned. RemovePodSandbox does the same for the
+//!   pod's staged containers.
+//! - ContainerStatus: for an id dockhand saw removed, or when containerd answers NotFound for
+//!   an archived id, the proxy answers with an exited status and a restored copy of the log
+//!   (`restore.rs`), so `kubectl logs` keeps working.
+//!
+//! Space is checked before it is used (`worker.rs`): a generation that cannot fit above the
+//! free-space floor fails alone, is undone at once, and releases its staged link.
 //!
 //! One worker thread runs the queue in order (compression, cleanup, retention); every step is
 //! idempotent, and start-up reconciles staging and the archive with what containerd still has.
@@ -47,7 +52,9 @@ use crate::upstream::Upstream;
 
 use dockhand_host::id::IdError;
 use dockhand_host::ContainerId;
-pub use handlers::{ContainerStatus, RemoveContainer, ReopenContainerLog, StartContainer};
+pub use handlers::{
+    ContainerStatus, RemoveContainer, RemovePodSandbox, ReopenContainerLog, StartContainer,
+};
 use meta::info_field;
 pub use meta::meta_from_status;
 use metrics::Metrics;
@@ -117,6 +124,8 @@ struct Staged {
     location: Option<LogLocation>,
     /// Its metadata: as of staging, then from the last ContainerStatus that saw it exited.
     meta: ContainerMeta,
+    /// Its pod sandbox (RemovePodSandbox removes it with the pod).
+    sandbox: String,
 }
 
 #[derive(Default)]
@@ -127,6 +136,10 @@ struct State {
     pending: HashSet<ContainerId>,
     /// Containers whose log was refused (no retry, no second warning).
     refused: HashSet<ContainerId>,
+    /// Generations lost for lack of room, until their container's entry is completed.
+    lost: HashMap<ContainerId, Vec<u32>>,
+    /// Failed finalizations in this run, by container (bounded retries).
+    failures: HashMap<ContainerId, u32>,
 }
 
 enum Job {
@@ -157,9 +170,10 @@ pub struct Archive {
 }
 
 impl Archive {
-    /// Opens the archive: checks that staging can hard-link pod logs, repairs what a crash left,
-    /// starts the worker thread and (inside a tokio runtime) the reconciler. Nothing is created
-    /// on disk until the first container is staged.
+    /// Opens the archive: proves that staging can hard-link pod logs (one link made and removed;
+    /// this creates the staging directory, and the pod log root if missing), repairs what a crash
+    /// left, cleans restored copies, starts the worker thread and (inside a tokio runtime) the
+    /// reconciler. The archive directory is created with its first entry.
     pub fn open(
         config: &ArchiveConfig,
         cgroup_records: &Path,
@@ -167,7 +181,7 @@ impl Archive {
         registry: &mut Registry,
     ) -> Result<Arc<Archive>, ArchiveError> {
         let staging = Staging::new(&config.staging_dir, &config.pod_logs_dir);
-        staging.check_same_filesystem()?;
+        staging.check_links()?;
         let store = Store::new(&config.dir, config.compression_level);
         let entries = store.recover()?;
         let (sender, receiver) = mpsc::channel();
@@ -191,6 +205,14 @@ impl Archive {
             cgroup_records: cgroup_records.to_path_buf(),
         });
         archive.update_gauges();
+        // Copies a previous run left: of containers no longer archived, half-written, or
+        // beyond the bound.
+        restore::bound(
+            &config.restored_dir,
+            config.restored_max_bytes,
+            None,
+            &archive.complete_ids(),
+        );
         let weak = Arc::downgrade(&archive);
         std::thread::Builder::new()
             .name("dockhand-archive".into())
@@ -233,6 +255,62 @@ impl Archive {
     /// Whether the archive holds this container's log.
     pub fn contains(&self, id: &str) -> bool {
         ContainerId::parse(id).is_ok_and(|id| self.state().archived.contains_key(&id))
+    }
+
+    /// The ids of complete entries (whose restored copies may exist).
+    fn complete_ids(&self) -> HashSet<ContainerId> {
+        self.state()
+            .archived
+            .values()
+            .filter(|e| e.complete)
+            .map(|e| e.container.id.clone())
+            .collect()
+    }
+
+    /// Removes a container's restored copy, on the blocking pool.
+    async fn remove_restored(&self, id: &ContainerId) {
+        let root = self.config.restored_dir.clone();
+        let id = id.clone();
+        let _ = tokio::task::spawn_blocking(move || restore::remove(&root, &id)).await;
+    }
+
+    /// Whether dockhand saw containerd remove this container: its removal was forwarded and
+    /// succeeded (finalization queued), or its entry is complete (only a removal completes one).
+    /// Container ids are never reused, so containerd need not be asked about it again.
+    fn seen_removed(&self, id: &ContainerId) -> bool {
+        let state = self.state();
+        state.pending.contains(id) || state.archived.get(id).is_some_and(|e| e.complete)
+    }
+
+    /// Writes a staged container's metadata to its staging record (atomic rename, no fsync: it
+    /// survives a proxy crash; an fsync would wait for the whole dirty log), on the blocking
+    /// pool, and keeps it in memory. A failure is logged: a removal is never held up by it.
+    async fn keep_record(&self, meta: &ContainerMeta) {
+        if let Some(staged) = self.state().staged.get_mut(&meta.id) {
+            staged.meta = meta.clone();
+        }
+        let staging = self.staging.clone();
+        let record = meta.clone();
+        let written =
+            tokio::task::spawn_blocking(move || staging.write_record_unsynced(&record)).await;
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(container_id = %meta.id, error = %e, "cannot record how the container ended")
+            }
+            Err(e) => tracing::warn!(container_id = %meta.id, error = %e, "staging task failed"),
+        }
+    }
+
+    /// dockhand saw containerd remove a staged container: its finalization is queued.
+    fn removed(&self, id: ContainerId, meta: ContainerMeta) {
+        if !self.state().pending.insert(id.clone()) {
+            return;
+        }
+        self.queue(Job::Finalize {
+            id,
+            meta: Some(Box::new(meta)),
+        });
     }
 
     // ---- staging ------------------------------------------------------------------------
@@ -316,6 +394,7 @@ impl Archive {
                 Staged {
                     location: Some(location),
                     meta,
+                    sandbox: sandbox_id.clone(),
                 },
             );
         }

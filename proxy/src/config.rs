@@ -128,6 +128,8 @@ pub struct ArchiveConfig {
     pub compression_level: i32,
     /// Answer ContainerStatus for archived containers, so `kubectl logs` works after GC.
     pub serve_kubelet: bool,
+    /// Upper bound of the restored copies' total size; least recently used go first.
+    pub restored_max_bytes: u64,
 }
 
 impl Default for ArchiveConfig {
@@ -143,6 +145,7 @@ impl Default for ArchiveConfig {
             min_free_percent: 15,
             compression_level: 3,
             serve_kubelet: true,
+            restored_max_bytes: 256 << 20,
         }
     }
 }

@@ -20,6 +20,7 @@ const CREATE_CONTAINER: &str = "/runtime.v1.RuntimeService/CreateContainer";
 const START_CONTAINER: &str = "/runtime.v1.RuntimeService/StartContainer";
 const REOPEN_CONTAINER_LOG: &str = "/runtime.v1.RuntimeService/ReopenContainerLog";
 const REMOVE_CONTAINER: &str = "/runtime.v1.RuntimeService/RemoveContainer";
+const REMOVE_POD_SANDBOX: &str = "/runtime.v1.RuntimeService/RemovePodSandbox";
 const CONTAINER_STATUS: &str = "/runtime.v1.RuntimeService/ContainerStatus";
 
 /// The intercepted methods, by full gRPC path.
@@ -43,7 +44,7 @@ impl Table {
             Arc::new(Propagation::new(config.propagation.clone(), registry)),
         ));
         // The container log archive (archive.rs): stage at start and at rotation, finalize at
-        // removal, answer for archived containers containerd no longer knows.
+        // removal (of the container or of its pod), answer for archived containers.
         let status: Arc<dyn Interceptor> = if config.archive.enabled {
             let archive = Archive::open(
                 &config.archive,
@@ -62,6 +63,10 @@ impl Table {
             routes.push((
                 REMOVE_CONTAINER,
                 Arc::new(archive::RemoveContainer(archive.clone())),
+            ));
+            routes.push((
+                REMOVE_POD_SANDBOX,
+                Arc::new(archive::RemovePodSandbox(archive.clone())),
             ));
             Arc::new(archive::ContainerStatus(archive))
         } else {

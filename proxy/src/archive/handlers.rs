@@ -6,7 +6,7 @@ use std::sync::Arc;
 use dockhand_host::ContainerId;
 use dockhand_protos::cri::{
     ContainerState, ContainerStatusRequest, ContainerStatusResponse, RemoveContainerRequest,
-    ReopenContainerLogRequest, StartContainerRequest,
+    RemovePodSandboxRequest, ReopenContainerLogRequest, StartContainerRequest,
 };
 use futures::future::BoxFuture;
 use prost::Message;
@@ -15,6 +15,7 @@ use tracing::Instrument;
 
 use super::meta::meta_from_status;
 use super::staging::Linked;
+use super::store::ContainerMeta;
 use super::{restore, Archive, Job, FINALIZE_WAIT};
 use crate::grpc::{Interceptor, Reply, UnaryCall};
 
@@ -24,6 +25,8 @@ pub struct StartContainer(pub Arc<Archive>);
 pub struct ReopenContainerLog(pub Arc<Archive>);
 /// RemoveContainer: finalize (queued; never deletes the archive).
 pub struct RemoveContainer(pub Arc<Archive>);
+/// RemovePodSandbox: finalize the pod's staged containers (containerd removes them with it).
+pub struct RemovePodSandbox(pub Arc<Archive>);
 /// ContainerStatus: answer for archived containers containerd no longer knows.
 pub struct ContainerStatus(pub Arc<Archive>);
 
@@ -42,6 +45,12 @@ impl Interceptor for ReopenContainerLog {
 impl Interceptor for RemoveContainer {
     fn handle(&self, call: UnaryCall) -> BoxFuture<'_, Reply> {
         Box::pin(remove_container(&self.0, call))
+    }
+}
+
+impl Interceptor for RemovePodSandbox {
+    fn handle(&self, call: UnaryCall) -> BoxFuture<'_, Reply> {
+        Box::pin(remove_pod_sandbox(&self.0, call))
     }
 }
 
@@ -115,7 +124,8 @@ async fn reopen_container_log(archive: &Archive, call: UnaryCall) -> Reply {
 }
 
 /// RemoveContainer: forwarded at once (the archive is never deleted by it); a staged
-/// container's finalization is queued.
+/// container's finalization is queued. For an archived container (kubelet repeating a removal)
+/// the restored copy is removed once containerd has answered: kubelet is done with it.
 async fn remove_container(archive: &Archive, call: UnaryCall) -> Reply {
     let id = call
         .decode::<RemoveContainerRequest>()
@@ -126,48 +136,121 @@ async fn remove_container(archive: &Archive, call: UnaryCall) -> Reply {
     };
     let staged = archive.state().staged.get(&id).map(|s| s.meta.clone());
     let Some(meta) = staged else {
-        return call.forward_unchanged().await;
-    };
-    // kubelet asked ContainerStatus right before; only other callers cost a round trip.
-    let meta = if meta.exit_code.is_some() {
-        meta
-    } else {
-        match archive.container_meta(&id).await {
-            Ok((status, _)) => meta.updated_with(&meta_from_status(&id, &status)),
-            Err(_) => meta,
+        let reply = call.forward_unchanged().await;
+        if archive.contains(id.as_str()) {
+            archive.remove_restored(&id).await;
         }
+        return reply;
     };
+    let meta = ended(archive, &id, meta).await;
+    // How it ended is durable before containerd forgets it: a proxy killed after this point
+    // finalizes from the staging record with the exit code, reason and times.
+    archive.keep_record(&meta).await;
     let reply = call.forward_unchanged().await;
     if matches!(reply.code(), Code::Ok | Code::NotFound) {
-        archive.state().pending.insert(id.clone());
-        archive.queue(Job::Finalize {
-            id,
-            meta: Some(Box::new(meta)),
-        });
+        archive.removed(id, meta);
     }
     reply
 }
 
-/// ContainerStatus: forwarded; when containerd answers NotFound for an archived container,
-/// answered with its exited status and a restored copy of its log.
+/// How a staged container ended: kubelet asked ContainerStatus right before removing it (kept
+/// by `remember_status`); for other callers containerd is asked now.
+async fn ended(archive: &Archive, id: &ContainerId, meta: ContainerMeta) -> ContainerMeta {
+    if meta.exit_code.is_some() {
+        return meta;
+    }
+    match archive.container_meta(id).await {
+        Ok((status, _)) => meta.updated_with(&meta_from_status(id, &status)),
+        Err(_) => meta,
+    }
+}
+
+/// RemovePodSandbox: containerd removes the pod's containers with it (critest and other CRI
+/// clients remove pods this way, with no RemoveContainer). The pod's staged containers get
+/// their exit status recorded before it is forwarded and are finalized when it succeeds; when
+/// it fails, those containerd no longer has are.
+async fn remove_pod_sandbox(archive: &Archive, call: UnaryCall) -> Reply {
+    let pod = call
+        .decode::<RemovePodSandboxRequest>()
+        .ok()
+        .map(|r| r.pod_sandbox_id)
+        .filter(|id| !id.is_empty());
+    let Some(pod) = pod else {
+        return call.forward_unchanged().await;
+    };
+    let members: Vec<(ContainerId, ContainerMeta)> = {
+        let state = archive.state();
+        state
+            .staged
+            .iter()
+            .filter(|(id, s)| s.sandbox.starts_with(&pod) && !state.pending.contains(*id))
+            .map(|(id, s)| (id.clone(), s.meta.clone()))
+            .collect()
+    };
+    if members.is_empty() {
+        return call.forward_unchanged().await;
+    }
+    let mut ended_members = Vec::with_capacity(members.len());
+    for (id, meta) in members {
+        let meta = ended(archive, &id, meta).await;
+        archive.keep_record(&meta).await;
+        ended_members.push((id, meta));
+    }
+    let reply = call.forward_unchanged().await;
+    let all_gone = matches!(reply.code(), Code::Ok | Code::NotFound);
+    for (id, meta) in ended_members {
+        let gone = all_gone
+            || matches!(
+                archive.container_meta(&id).await,
+                Err(super::ArchiveError::Upstream { ref status, .. }) if status.code() == Code::NotFound
+            );
+        if gone {
+            tracing::info!(container_id = %id, pod_sandbox_id = %pod, "container removed with its pod; archiving");
+            archive.removed(id, meta);
+        }
+    }
+    reply
+}
+
+/// ContainerStatus: for a container dockhand saw removed, answered from the archive without
+/// asking containerd (which would log an error for every such call); otherwise forwarded, and
+/// when containerd answers NotFound for an archived container, answered with its exited status
+/// and a restored copy of its log. A staged container containerd no longer knows was removed
+/// behind dockhand's back: it is finalized now.
 async fn container_status(archive: &Archive, call: UnaryCall) -> Reply {
     let request = call.decode::<ContainerStatusRequest>().ok();
     let request = request.as_ref();
     let id = request.and_then(|r| ContainerId::parse(&r.container_id).ok());
-    let reply = call.forward_unchanged().await;
     let Some(id) = id else {
-        return reply;
+        return call.forward_unchanged().await;
     };
+    if archive.config.serve_kubelet && archive.seen_removed(&id) {
+        return match archived_status(archive, &id).await {
+            Some(message) => Reply::ok(&message),
+            // Not archived after all (its log was lost): containerd's own answer.
+            None => call.forward_unchanged().await,
+        };
+    }
+    let reply = call.forward_unchanged().await;
     match reply.code() {
         Code::Ok => {
             remember_status(archive, &id, &reply);
             reply
         }
-        Code::NotFound if archive.config.serve_kubelet => match archived_status(archive, &id).await
-        {
-            Some(message) => Reply::ok(&message),
-            None => reply,
-        },
+        Code::NotFound => {
+            let staged = archive.state().staged.get(&id).map(|s| s.meta.clone());
+            if let Some(meta) = staged {
+                tracing::info!(container_id = %id, "staged container is gone from containerd; archiving");
+                archive.removed(id.clone(), meta);
+            }
+            if !archive.config.serve_kubelet {
+                return reply;
+            }
+            match archived_status(archive, &id).await {
+                Some(message) => Reply::ok(&message),
+                None => reply,
+            }
+        }
         _ => reply,
     }
 }
@@ -213,9 +296,16 @@ async fn archived_status(archive: &Archive, id: &ContainerId) -> Option<Vec<u8>>
     }
     let store = archive.store.clone();
     let root = archive.config.restored_dir.clone();
+    let bound = archive.config.restored_max_bytes;
+    let archived = archive.complete_ids();
     let restored = {
         let id = id.clone();
-        tokio::task::spawn_blocking(move || restore::ensure(&store, &root, &id)).await
+        tokio::task::spawn_blocking(move || {
+            let path = restore::ensure(&store, &root, &id)?;
+            restore::bound(&root, bound, Some(&id), &archived);
+            Ok::<_, restore::RestoreError>(path)
+        })
+        .await
     };
     let path = match restored {
         Ok(Ok(path)) => path,

@@ -7,7 +7,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 /// Why a container's log could not be kept (`dockhand_archive_lost_logs_total{reason}`).
-const LOST_REASONS: [&str; 7] = [
+const LOST_REASONS: [&str; 8] = [
+    "no_space",
     "outside_log_directory",
     "log_missing",
     "unsafe_path",

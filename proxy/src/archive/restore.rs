@@ -51,7 +51,13 @@ pub fn ensure(store: &Store, root: &Path, id: &ContainerId) -> Result<PathBuf, R
     let root_fd = nofollow::create_dir(root).map_err(write_err)?;
     let dir = nofollow::create_subdir(root_fd.as_fd(), id.as_str()).map_err(write_err)?;
     match nofollow::stat(dir.as_fd(), OsStr::new(RESTORED_FILE)) {
-        Ok(stat) if nofollow::is_regular(&stat) => return Ok(path),
+        Ok(stat) if nofollow::is_regular(&stat) => {
+            // Used now: the last to be evicted (the bound is least recently used first).
+            if let Ok(file) = nofollow::open_file(dir.as_fd(), OsStr::new(RESTORED_FILE)) {
+                let _ = file.set_modified(std::time::SystemTime::now());
+            }
+            return Ok(path);
+        }
         Ok(_) => {
             // Something else took the name: not ours to follow, but ours to replace.
             nofollow::remove_file(dir.as_fd(), RESTORED_FILE).map_err(write_err)?;
@@ -88,6 +94,82 @@ pub fn remove(root: &Path, id: &ContainerId) {
             tracing::warn!(path = %dir.display(), error = %e, "cannot remove a restored log");
         }
     }
+}
+
+/// Keeps the restored copies within `max_bytes` and removes leftovers: directories of
+/// containers not in `archived` (dropped, or never completed), temporary files a crash left,
+/// directories whose copy kubelet deleted, and copies not used for [`RESTORED_TTL`]. Then the
+/// least recently used copies go until the total fits, except `keep` (the copy being served;
+/// one copy larger than the bound is kept while it is the one in use). Names that are not
+/// container ids are left alone. Returns how many directories it removed. Reads and removes
+/// files: call it on a blocking thread.
+pub fn bound(
+    root: &Path,
+    max_bytes: u64,
+    keep: Option<&ContainerId>,
+    archived: &std::collections::HashSet<ContainerId>,
+) -> usize {
+    let Ok(root_fd) = nofollow::open_dir(root) else {
+        return 0;
+    };
+    let mut removed = 0;
+    let mut copies = Vec::new();
+    for name in nofollow::list(root_fd.as_fd()).unwrap_or_default() {
+        let Some(text) = name.to_str() else { continue };
+        if text.starts_with(nofollow::TMP_PREFIX) {
+            let _ = nofollow::remove_file(root_fd.as_fd(), text);
+            continue;
+        }
+        let Ok(id) = ContainerId::parse(text) else {
+            continue;
+        };
+        let Ok(dir) = nofollow::open_subdir(root_fd.as_fd(), &name) else {
+            continue;
+        };
+        for inner in nofollow::list(dir.as_fd()).unwrap_or_default() {
+            if let Some(inner) = inner
+                .to_str()
+                .filter(|n| n.starts_with(nofollow::TMP_PREFIX))
+            {
+                let _ = nofollow::remove_file(dir.as_fd(), inner);
+            }
+        }
+        let copy = nofollow::stat(dir.as_fd(), OsStr::new(RESTORED_FILE))
+            .ok()
+            .filter(nofollow::is_regular);
+        let in_use = keep == Some(&id);
+        let Some(copy) = copy.filter(|_| archived.contains(&id) || in_use) else {
+            drop(dir);
+            remove(root, &id);
+            removed += 1;
+            continue;
+        };
+        let used = std::time::UNIX_EPOCH
+            + std::time::Duration::new(copy.st_mtime as u64, copy.st_mtime_nsec as u32);
+        let stale = used.elapsed().is_ok_and(|age| age > super::RESTORED_TTL);
+        if stale && !in_use {
+            drop(dir);
+            remove(root, &id);
+            removed += 1;
+            continue;
+        }
+        copies.push((used, copy.st_size as u64, id));
+    }
+    let mut total: u64 = copies.iter().map(|(_, size, _)| size).sum();
+    copies.sort();
+    for (_, size, id) in copies {
+        if total <= max_bytes {
+            break;
+        }
+        if keep == Some(&id) {
+            continue;
+        }
+        tracing::info!(container_id = %id, bytes = size, "restored copy evicted (archive.restored_max_bytes)");
+        remove(root, &id);
+        removed += 1;
+        total -= size;
+    }
+    removed
 }
 
 /// The status kubelet gets for an archived container: what its CRI client requires (id,

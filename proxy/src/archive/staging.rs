@@ -40,9 +40,14 @@ pub enum StagingError {
         log_path: PathBuf,
         source: io::Error,
     },
-    #[error("staging directory {staging} and the pod logs {pod_logs} are on different filesystems: hard links cannot cross them; put archive.staging_dir on the filesystem of {pod_logs}")]
-    CrossDevice { staging: PathBuf, pod_logs: PathBuf },
-    #[error("cannot check the filesystem of {path}: {source}")]
+    #[error("the staging directory {staging} (mount {staging_mount}) cannot hard-link files of {pod_logs} (mount {pod_logs_mount}): hard links cannot cross mounts, even two mounts of one filesystem; put archive.staging_dir on the mount of archive.pod_logs_dir")]
+    CrossDevice {
+        staging: PathBuf,
+        staging_mount: String,
+        pod_logs: PathBuf,
+        pod_logs_mount: String,
+    },
+    #[error("cannot check that {path} can hold hard links of pod logs: {source}")]
     Device { path: PathBuf, source: io::Error },
     #[error("cannot list the staging directory {path}: {source}")]
     List { path: PathBuf, source: io::Error },
@@ -169,22 +174,43 @@ impl Staging {
         &self.pod_logs
     }
 
-    /// Hard links need the staging directory on the pod logs' filesystem (the nearest existing
-    /// ancestor of each is compared when they do not exist yet).
-    pub fn check_same_filesystem(&self) -> Result<(), StagingError> {
-        let device = |path: &Path| {
-            nofollow::device_of(path).map_err(|source| StagingError::Device {
-                path: path.into(),
-                source,
-            })
+    /// Proves that a hard link from the pod log root into staging works: creates a file in
+    /// the pod log root, links it into staging and removes both. Equal `st_dev` proves nothing:
+    /// two mounts of one filesystem refuse links between them (EXDEV). Creates both directories
+    /// when missing (the pod log root with kubelet's mode, 0755).
+    pub fn check_links(&self) -> Result<(), StagingError> {
+        let setup = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| StagingError::Device { path, source }
         };
-        if device(&self.root)? != device(&self.pod_logs)? {
-            return Err(StagingError::CrossDevice {
-                staging: self.root.clone(),
-                pod_logs: self.pod_logs.clone(),
-            });
+        let pod_logs =
+            nofollow::create_dir_mode(&self.pod_logs, 0o755).map_err(setup(&self.pod_logs))?;
+        let staging = nofollow::create_dir(&self.root).map_err(setup(&self.root))?;
+        let probe = nofollow::temp_name("link-probe");
+        drop(nofollow::open_write(pod_logs.as_fd(), &probe).map_err(setup(&self.pod_logs))?);
+        let linked = nofollow::link(
+            pod_logs.as_fd(),
+            OsStr::new(&probe),
+            staging.as_fd(),
+            &probe,
+        );
+        let _ = nofollow::remove_file(staging.as_fd(), &probe);
+        let _ = nofollow::remove_file(pod_logs.as_fd(), &probe);
+        match linked {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::XDEV.raw_os_error()) => {
+                Err(StagingError::CrossDevice {
+                    staging: self.root.clone(),
+                    staging_mount: mount_of(&self.root),
+                    pod_logs: self.pod_logs.clone(),
+                    pod_logs_mount: mount_of(&self.pod_logs),
+                })
+            }
+            Err(source) => Err(StagingError::Device {
+                path: self.root.clone(),
+                source,
+            }),
         }
-        Ok(())
     }
 
     fn io_err(&self, id: &ContainerId) -> impl FnOnce(io::Error) -> StagingError + '_ {
@@ -275,7 +301,9 @@ impl Staging {
             if e.raw_os_error() == Some(rustix::io::Errno::XDEV.raw_os_error()) {
                 StagingError::CrossDevice {
                     staging: self.root.clone(),
-                    pod_logs: self.pod_logs.clone(),
+                    staging_mount: mount_of(&self.root),
+                    pod_logs: location.path.clone(),
+                    pod_logs_mount: mount_of(&location.path),
                 }
             } else {
                 self.io_err(id)(e)
@@ -333,6 +361,20 @@ impl Staging {
         nofollow::remove_file(dir.as_fd(), &generation_file(generation))
             .and_then(|()| nofollow::sync_dir(dir.as_fd()))
             .map_err(self.io_err(id))
+    }
+
+    /// [`Staging::write_record`] without fsync: survives a crash of the proxy, not of the node
+    /// (the worker's `meta.json` is fsynced). RemoveContainer's path uses it: an fsync there
+    /// would wait for the container's whole dirty log to reach the disk.
+    pub fn write_record_unsynced(&self, meta: &ContainerMeta) -> Result<(), StagingError> {
+        let id = &meta.id;
+        let dir = self.create_container(id).map_err(self.io_err(id))?;
+        let text = serde_json::to_vec_pretty(meta).map_err(|source| StagingError::Record {
+            id: id.clone(),
+            path: self.root.join(id.as_str()),
+            source,
+        })?;
+        nofollow::write_replace(dir.as_fd(), RECORD_FILE, &text).map_err(self.io_err(id))
     }
 
     pub fn write_record(&self, meta: &ContainerMeta) -> Result<(), StagingError> {
@@ -420,6 +462,27 @@ impl Staging {
         }
         ids.sort();
         Ok(ids)
+    }
+}
+
+/// The mount holding `path`, as `/proc/self/mountinfo` shows it: mount point, its root in the
+/// filesystem, source and type (for error messages).
+fn mount_of(path: &Path) -> String {
+    let resolved = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    match dockhand_host::mountinfo::MountTable::read() {
+        Ok(table) => match table.containing(&resolved) {
+            Some(m) => format!(
+                "{} (root {} of {} {}, device {}:{})",
+                m.mount_point.display(),
+                m.root.display(),
+                m.fs_type,
+                m.source,
+                m.device.0,
+                m.device.1
+            ),
+            None => "unknown".into(),
+        },
+        Err(e) => format!("unknown: {e}"),
     }
 }
 

@@ -46,6 +46,31 @@ pub enum StoreError {
     },
     #[error("container {id} is not in the archive {path}")]
     NotFound { id: ContainerId, path: PathBuf },
+    #[error("no room for the log of container {id} under {path}: {limit} bytes left above the free-space floor and max_bytes")]
+    NoSpace {
+        id: ContainerId,
+        path: PathBuf,
+        limit: u64,
+    },
+}
+
+impl StoreError {
+    /// Whether the filesystem (or the archive's own budget) had no room: the write failed
+    /// alone, and retrying it cannot succeed.
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            StoreError::NoSpace { .. } => true,
+            StoreError::Write { source, .. } => is_no_space(source),
+            _ => false,
+        }
+    }
+}
+
+/// ENOSPC, EDQUOT, or a [`Budget`] exhausted.
+pub fn is_no_space(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::StorageFull
+        || e.kind() == io::ErrorKind::QuotaExceeded
+        || e.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error())
 }
 
 /// What is known about a container, from containerd's ContainerStatus. Times are Unix
@@ -133,6 +158,9 @@ pub struct Entry {
     pub complete: bool,
     /// Unix nanoseconds of the last write; retention drops the oldest first.
     pub archived_at: i64,
+    /// Generations that could not be kept (no room for them): the log has a gap there.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lost_generations: Vec<u32>,
 }
 
 /// The result of appending one generation.
@@ -340,6 +368,20 @@ impl Store {
         generation: u32,
         source: &mut dyn Read,
     ) -> Result<Appended, StoreError> {
+        self.append_generation_within(meta, generation, source, u64::MAX)
+    }
+
+    /// [`Store::append_generation`] writing at most `limit` compressed bytes. A write that does
+    /// not fit (or meets ENOSPC) is undone at once: `log.zst` is cut back to its committed
+    /// length, and an entry that had nothing committed is removed, so a failed write never
+    /// holds space.
+    pub fn append_generation_within(
+        &self,
+        meta: &ContainerMeta,
+        generation: u32,
+        source: &mut dyn Read,
+        limit: u64,
+    ) -> Result<Appended, StoreError> {
         let id = &meta.id;
         let root = self.create_root()?;
         let dir = nofollow::create_subdir(root.as_fd(), id.as_str()).map_err(self.write_err(id))?;
@@ -354,15 +396,40 @@ impl Store {
         let raw = (|| -> io::Result<u64> {
             file.set_len(committed)?;
             file.seek(SeekFrom::Start(committed))?;
-            let mut encoder = zstd::stream::Encoder::new(&mut file, self.level)?;
+            let mut budget = Budget {
+                file: &mut file,
+                left: limit,
+            };
+            let mut encoder = zstd::stream::Encoder::new(&mut budget, self.level)?;
             encoder.include_checksum(true)?;
             let raw = io::copy(source, &mut encoder)?;
             encoder.finish()?.flush()?;
             file.sync_all()?;
             Ok(raw)
-        })()
-        .map_err(self.write_err(id))?;
+        })();
+        let raw = match raw {
+            Ok(raw) => raw,
+            Err(e) => {
+                // Give the space back now, not at the next start.
+                let _ = file.set_len(committed).and_then(|()| file.sync_all());
+                drop(file);
+                if existing.is_none() {
+                    drop(dir);
+                    drop(root);
+                    let _ = self.remove(id);
+                }
+                if e.kind() == io::ErrorKind::StorageFull && e.raw_os_error().is_none() {
+                    return Err(StoreError::NoSpace {
+                        id: id.clone(),
+                        path: self.root.join(id.as_str()),
+                        limit,
+                    });
+                }
+                return Err(self.write_err(id)(e));
+            }
+        };
         let log_bytes = file.metadata().map_err(self.write_err(id))?.len();
+        let created = existing.is_none();
         let mut entry = existing.unwrap_or_else(|| Entry {
             format: FORMAT,
             container: meta.clone(),
@@ -371,13 +438,24 @@ impl Store {
             raw_bytes: 0,
             complete: false,
             archived_at: 0,
+            lost_generations: Vec::new(),
         });
         entry.container = entry.container.updated_with(meta);
         entry.generations.push(generation);
         entry.log_bytes = log_bytes;
         entry.raw_bytes += raw;
         entry.archived_at = now_nanos();
-        self.write_meta(&dir, &entry)?;
+        if let Err(e) = self.write_meta(&dir, &entry) {
+            // The frame is not committed: give its space back now.
+            let _ = file.set_len(committed).and_then(|()| file.sync_all());
+            drop(file);
+            if created {
+                drop(dir);
+                drop(root);
+                let _ = self.remove(id);
+            }
+            return Err(e);
+        }
         Ok(Appended::Added {
             entry,
             raw,
@@ -386,8 +464,17 @@ impl Store {
     }
 
     /// Marks a container's entry complete with its final metadata (creating an empty entry
-    /// when none of its generations could be archived).
+    /// when none of its generations could be archived); `lost` are generations that could not
+    /// be kept.
     pub fn complete(&self, meta: &ContainerMeta) -> Result<Entry, StoreError> {
+        self.complete_with_lost(meta, &[])
+    }
+
+    pub fn complete_with_lost(
+        &self,
+        meta: &ContainerMeta,
+        lost: &[u32],
+    ) -> Result<Entry, StoreError> {
         let id = &meta.id;
         let root = self.create_root()?;
         let dir = nofollow::create_subdir(root.as_fd(), id.as_str()).map_err(self.write_err(id))?;
@@ -401,9 +488,15 @@ impl Store {
                 raw_bytes: 0,
                 complete: false,
                 archived_at: 0,
+                lost_generations: Vec::new(),
             },
         };
         entry.container = entry.container.updated_with(meta);
+        for generation in lost {
+            if !entry.lost_generations.contains(generation) {
+                entry.lost_generations.push(*generation);
+            }
+        }
         entry.complete = true;
         entry.archived_at = now_nanos();
         self.write_meta(&dir, &entry)?;
@@ -494,6 +587,31 @@ impl ContainerMeta {
             log_path: pick(&newer.log_path, &older.log_path),
             cgroup: newer.cgroup.clone().or_else(|| older.cgroup.clone()),
         }
+    }
+}
+
+/// The archive file behind a byte budget: a write past it fails as `StorageFull` (with no OS
+/// error code, which is how it is told apart from a real ENOSPC).
+struct Budget<'a> {
+    file: &'a mut std::fs::File,
+    left: u64,
+}
+
+impl Write for Budget<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if buf.len() as u64 > self.left {
+            return Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                "the archive's space budget is used up",
+            ));
+        }
+        let n = self.file.write(buf)?;
+        self.left -= n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
     }
 }
 

@@ -158,7 +158,7 @@ fn log_paths_must_stay_inside_the_sandbox_log_directory() {
 #[test]
 fn staging_hard_links_the_live_file() {
     let t = tree();
-    t.staging.check_same_filesystem().unwrap();
+    t.staging.check_links().unwrap();
     assert_eq!(
         t.staging.link(&id(), &t.location(), 1).unwrap(),
         Linked::New(1)
@@ -240,13 +240,59 @@ fn symlinks_in_the_log_tree_are_refused_and_nothing_is_written() {
 }
 
 #[test]
-fn staging_on_another_filesystem_is_reported_clearly() {
-    // /proc is never the filesystem of a temp dir.
+fn staging_that_cannot_link_pod_logs_is_reported_clearly() {
+    // /proc is never writable like the filesystem of a temp dir.
     let t = tree();
     let staging = Staging::new(Path::new("/proc/dockhand-staging"), &t.pods);
-    let error = staging.check_same_filesystem().unwrap_err().to_string();
-    assert!(error.contains("different filesystems"), "{error}");
-    assert!(error.contains("staging_dir"), "{error}");
+    let error = staging.check_links().unwrap_err().to_string();
+    assert!(error.contains("/proc/dockhand-staging"), "{error}");
+    // The probe leaves nothing behind in the pod log root.
+    let t = tree();
+    let before = t.files();
+    t.staging.check_links().unwrap();
+    assert_eq!(t.files(), before);
+}
+
+#[test]
+fn a_write_beyond_its_budget_is_undone_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::new(dir.path(), 3);
+    let meta = meta(&id());
+    // Incompressible input, more than the budget allows.
+    let mut noise = Vec::new();
+    let mut x: u64 = 1;
+    for _ in 0..200_000 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        noise.push(x as u8);
+    }
+    let error = store
+        .append_generation_within(&meta, 1, &mut noise.as_slice(), 50_000)
+        .unwrap_err();
+    assert!(error.is_no_space(), "{error}");
+    // A first generation that fails leaves no entry at all.
+    assert!(!dir.path().join(ID).exists());
+    store
+        .append_generation(&meta, 1, &mut "a F line\n".as_bytes())
+        .unwrap();
+    let committed = std::fs::metadata(dir.path().join(ID).join("log.zst"))
+        .unwrap()
+        .len();
+    let error = store
+        .append_generation_within(&meta, 2, &mut noise.as_slice(), 50_000)
+        .unwrap_err();
+    assert!(error.is_no_space(), "{error}");
+    // A later one is cut back to the committed length, not left for the next start.
+    assert_eq!(
+        std::fs::metadata(dir.path().join(ID).join("log.zst"))
+            .unwrap()
+            .len(),
+        committed
+    );
+    let mut out = Vec::new();
+    store.read_log(&id(), &mut out).unwrap();
+    assert_eq!(out, b"a F line\n");
 }
 
 // ---- store ----------------------------------------------------------------------------------
@@ -609,8 +655,9 @@ async fn open_registers_metrics_and_loads_what_a_crash_left() {
     ] {
         assert!(text.contains(name), "{name} missing from\n{text}");
     }
-    // Nothing is created for staging or restored copies until a container needs them.
-    assert!(!config.staging_dir.exists());
+    // Staging exists (the link probe made it, and left nothing in it); restored copies wait
+    // until kubelet needs one.
+    assert_eq!(std::fs::read_dir(&config.staging_dir).unwrap().count(), 0);
     assert!(!config.restored_dir.exists());
 }
 

@@ -2,14 +2,13 @@
 //! drop its staged link; complete a removed container's entry) and keeps the archive within its
 //! bounds after every write.
 
-use std::path::Path;
 use std::sync::mpsc;
 use std::sync::Weak;
 
 use super::metrics::ReasonLabels;
 use super::retention::{self, Candidate, Policy};
 use super::store::{self, Appended, ContainerMeta, Entry};
-use super::{restore, Archive, ArchiveError, Job, RESTORED_TTL, RETENTION_INTERVAL};
+use super::{restore, Archive, ArchiveError, Job, RETENTION_INTERVAL};
 use dockhand_host::fs as nofollow;
 use dockhand_host::ContainerId;
 
@@ -35,7 +34,7 @@ impl Archive {
                     None => recorded,
                 };
                 if let Err(e) = self.finalize(&meta) {
-                    tracing::error!(container_id = %id, error = %e, "cannot finalize the archive; staged data kept for the next start");
+                    self.finalize_failed(&id, &e);
                 }
                 let mut state = self.state();
                 state.pending.remove(&id);
@@ -60,6 +59,10 @@ impl Archive {
         }
     }
 
+    /// Compresses one staged generation into the archive, within the room there is for it
+    /// (see [`Archive::make_room`]). A generation that does not fit is lost alone: the partial
+    /// write is undone, the loss counted, and the staged link released so the space on the pod
+    /// logs' filesystem comes back and nothing retries it.
     pub(super) fn archive_generation(
         &self,
         meta: &ContainerMeta,
@@ -67,9 +70,27 @@ impl Archive {
     ) -> Result<(), ArchiveError> {
         let id = &meta.id;
         let mut file = self.staging.open_generation(id, generation)?;
+        let staged = file.metadata().map_or(0, |m| m.len());
         self.pause("before_compress");
-        let appended = self.store.append_generation(meta, generation, &mut file)?;
+        let appended = match self.make_room(id, staged) {
+            Ok(limit) => self
+                .store
+                .append_generation_within(meta, generation, &mut file, limit),
+            Err(room) => Err(store::StoreError::NoSpace {
+                id: id.clone(),
+                path: self.store.root().join(id.as_str()),
+                limit: room,
+            }),
+        };
         drop(file);
+        let appended = match appended {
+            Ok(appended) => appended,
+            Err(e) if e.is_no_space() => {
+                self.lose_generation(meta, generation, staged, &e);
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
         if let Appended::Added {
             raw, compressed, ..
         } = &appended
@@ -87,6 +108,109 @@ impl Archive {
         Ok(())
     }
 
+    /// A generation with no room in the archive: counted, its staged link released.
+    fn lose_generation(
+        &self,
+        meta: &ContainerMeta,
+        generation: u32,
+        staged: u64,
+        error: &store::StoreError,
+    ) {
+        let id = &meta.id;
+        tracing::warn!(container_id = %id, pod = %format!("{}/{}", meta.namespace, meta.pod), container = %meta.container, generation, staged_bytes = staged, error = %error, "container log generation lost: no room in the archive");
+        self.metrics.lost("no_space");
+        self.state()
+            .lost
+            .entry(id.clone())
+            .or_default()
+            .push(generation);
+        if let Err(e) = self.staging.remove_generation(id, generation) {
+            tracing::warn!(container_id = %id, generation, error = %e, "cannot release a staged log");
+        }
+    }
+
+    /// Checks the space a generation of `staged` bytes needs before any is used, and returns
+    /// how many compressed bytes it may write. The estimate is the staged size over the
+    /// archive's running compression ratio (1 until 1 MiB has been archived). It fails, with
+    /// the room there could be, when the estimate exceeds what the filesystem has above the
+    /// free-space floor plus everything retention could drop, or `max_bytes` less this entry's
+    /// own size: then nothing is dropped. Otherwise the oldest other entries are dropped
+    /// (`min_free`) until the estimate fits above the floor, and the write may use what is
+    /// above the floor (and within `max_bytes`), no more.
+    pub(super) fn make_room(&self, id: &ContainerId, staged: u64) -> Result<u64, u64> {
+        let estimate = {
+            let state = self.state();
+            let (raw, compressed) = state
+                .archived
+                .values()
+                .fold((0u64, 0u64), |(r, c), e| (r + e.raw_bytes, c + e.log_bytes));
+            let ratio = if raw >= RATIO_MIN_INPUT && compressed > 0 {
+                (raw as f64 / compressed as f64).max(1.0)
+            } else {
+                1.0
+            };
+            (staged as f64 / ratio) as u64 + ESTIMATE_OVERHEAD
+        };
+        loop {
+            let above_floor = self.room_above_floor();
+            let (own, others) = {
+                let state = self.state();
+                let own = state.archived.get(id).map_or(0, disk_bytes);
+                let others: u64 = state
+                    .archived
+                    .iter()
+                    .filter(|(other, _)| *other != id)
+                    .map(|(_, e)| disk_bytes(e))
+                    .sum();
+                (own, others)
+            };
+            let within_max = self
+                .config
+                .max_bytes
+                .saturating_sub(own + COMPLETION_SLACK_BYTES);
+            let capacity = above_floor.saturating_add(others).min(within_max);
+            if estimate > capacity {
+                return Err(capacity);
+            }
+            if estimate <= above_floor {
+                return Ok(above_floor.min(within_max));
+            }
+            let oldest = self
+                .state()
+                .archived
+                .values()
+                .filter(|e| e.container.id != *id)
+                .min_by(|a, b| {
+                    (a.archived_at, &a.container.id).cmp(&(b.archived_at, &b.container.id))
+                })
+                .map(|e| e.container.id.clone());
+            if self.evict_restored_for_space() {
+                continue;
+            }
+            match oldest {
+                Some(oldest) if self.drop_entry(&oldest, retention::Reason::MinFree) => {}
+                _ => return Ok(above_floor.min(within_max)),
+            }
+        }
+    }
+
+    /// Bytes the archive's filesystem has above the free-space floor (unbounded when unknown).
+    fn room_above_floor(&self) -> u64 {
+        let space = nofollow::create_dir(&self.config.dir)
+            .and_then(|fd| nofollow::space(std::os::fd::AsFd::as_fd(&fd)));
+        match space {
+            Ok((available, total)) => {
+                let floor =
+                    (total as u128 * u128::from(self.config.min_free_percent)).div_ceil(100);
+                available.saturating_sub(floor as u64)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "free space unknown; the floor is not enforced");
+                u64::MAX
+            }
+        }
+    }
+
     pub(super) fn finalize(&self, meta: &ContainerMeta) -> Result<(), ArchiveError> {
         let id = &meta.id;
         let generations = self.staging.generations(id)?;
@@ -94,16 +218,56 @@ impl Archive {
         for generation in generations {
             self.archive_generation(meta, generation)?;
         }
+        let lost = self.state().lost.remove(id).unwrap_or_default();
         if had_data && !self.state().archived.contains_key(id) {
-            tracing::info!(container_id = %id, "container log dropped by retention before completion");
+            if lost.is_empty() {
+                tracing::info!(container_id = %id, "container log dropped by retention before completion");
+            } else {
+                tracing::warn!(container_id = %id, pod = %format!("{}/{}", meta.namespace, meta.pod), container = %meta.container, exit_code = ?meta.exit_code, "container log not archived: no room for it");
+            }
             self.staging.remove(id)?;
             return Ok(());
         }
-        let entry = self.store.complete(meta)?;
-        tracing::info!(container_id = %id, pod = %format!("{}/{}", meta.namespace, meta.pod), container = %meta.container, raw_bytes = entry.raw_bytes, log_bytes = entry.log_bytes, "container log archived");
+        let entry = match self.store.complete_with_lost(meta, &lost) {
+            Ok(entry) => entry,
+            Err(e) if e.is_no_space() => {
+                tracing::warn!(container_id = %id, error = %e, "container log not archived: no room for its metadata");
+                self.metrics.lost("no_space");
+                if let Some(entry) = self.state().archived.remove(id) {
+                    let _ = self.store.remove(&entry.container.id);
+                }
+                self.staging.remove(id)?;
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        tracing::info!(container_id = %id, pod = %format!("{}/{}", meta.namespace, meta.pod), container = %meta.container, raw_bytes = entry.raw_bytes, log_bytes = entry.log_bytes, lost_generations = ?entry.lost_generations, "container log archived");
         self.state().archived.insert(id.clone(), entry);
+        self.state().failures.remove(id);
         self.staging.remove(id)?;
         Ok(())
+    }
+
+    /// A finalization that failed for another reason than space: its staged data is kept for
+    /// the next try (the next start or reconciliation), at most [`MAX_FINALIZE_ATTEMPTS`] times
+    /// per run; then it is released and counted as lost.
+    fn finalize_failed(&self, id: &ContainerId, error: &ArchiveError) {
+        let attempts = {
+            let mut state = self.state();
+            let attempts = state.failures.entry(id.clone()).or_insert(0);
+            *attempts += 1;
+            *attempts
+        };
+        if attempts < MAX_FINALIZE_ATTEMPTS {
+            tracing::error!(container_id = %id, attempts, error = %error, "cannot finalize the archive; staged data kept for another try");
+            return;
+        }
+        tracing::error!(container_id = %id, attempts, error = %error, "cannot finalize the archive; giving up and releasing the staged log");
+        self.metrics.lost(error.reason());
+        self.state().failures.remove(id);
+        if let Err(e) = self.staging.remove(id) {
+            tracing::warn!(container_id = %id, error = %e, "cannot release a staged log");
+        }
     }
 
     /// The `test-hooks` pause point `stage` (nothing in other builds).
@@ -145,22 +309,49 @@ impl Archive {
             else {
                 break;
             };
-            if let Err(e) = self.store.remove(&id) {
-                tracing::error!(container_id = %id, error = %e, "retention cannot drop an archived container");
+            if reason == retention::Reason::MinFree && self.evict_restored_for_space() {
+                continue;
+            }
+            if !self.drop_entry(&id, reason) {
                 break;
             }
-            restore::remove(&self.config.restored_dir, &id);
-            self.state().archived.remove(&id);
-            self.metrics
-                .dropped
-                .get_or_create(&ReasonLabels {
-                    reason: reason.label(),
-                })
-                .inc();
-            tracing::info!(container_id = %id, reason = reason.label(), "archived container dropped");
         }
-        remove_stale_restored(&self.config.restored_dir);
+        restore::bound(
+            &self.config.restored_dir,
+            self.config.restored_max_bytes,
+            None,
+            &self.complete_ids(),
+        );
         self.update_gauges();
+    }
+
+    /// Short of space: restored copies go before any archived container (kubelet gets a new
+    /// one on demand). False when there were none.
+    fn evict_restored_for_space(&self) -> bool {
+        let root = &self.config.restored_dir;
+        let removed = restore::bound(root, 0, None, &std::collections::HashSet::new());
+        if removed > 0 {
+            tracing::info!(dir = %root.display(), removed, "short of space: restored copies removed first");
+        }
+        removed > 0
+    }
+
+    /// Drops one archived container (and its restored copy); false when it cannot.
+    pub(super) fn drop_entry(&self, id: &ContainerId, reason: retention::Reason) -> bool {
+        if let Err(e) = self.store.remove(id) {
+            tracing::error!(container_id = %id, error = %e, "retention cannot drop an archived container");
+            return false;
+        }
+        restore::remove(&self.config.restored_dir, id);
+        self.state().archived.remove(id);
+        self.metrics
+            .dropped
+            .get_or_create(&ReasonLabels {
+                reason: reason.label(),
+            })
+            .inc();
+        tracing::info!(container_id = %id, reason = reason.label(), "archived container dropped");
+        true
     }
 
     pub(super) fn update_gauges(&self) {
@@ -190,6 +381,14 @@ pub(super) fn worker(archive: Weak<Archive>, jobs: mpsc::Receiver<Job>) {
     }
 }
 
+/// Below this much archived input the running compression ratio is not trusted (logs are then
+/// assumed not to compress).
+const RATIO_MIN_INPUT: u64 = 1 << 20;
+/// Added to a generation's estimate: its frame header and the entry's `meta.json`.
+const ESTIMATE_OVERHEAD: u64 = 8192;
+/// How often one run tries to finalize a container before it releases the staged log.
+const MAX_FINALIZE_ATTEMPTS: u32 = 3;
+
 /// Room kept for the final metadata of an entry still being written (exit code, reason, times).
 const COMPLETION_SLACK_BYTES: u64 = 512;
 
@@ -202,21 +401,4 @@ fn disk_bytes(entry: &Entry) -> u64 {
         COMPLETION_SLACK_BYTES
     };
     entry.log_bytes + meta + slack
-}
-
-fn remove_stale_restored(root: &Path) {
-    let Ok(dirs) = std::fs::read_dir(root) else {
-        return;
-    };
-    for dir in dirs.flatten() {
-        let file = dir.path().join(restore::RESTORED_FILE);
-        let stale = std::fs::symlink_metadata(&file)
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.elapsed().ok())
-            .is_some_and(|age| age > RESTORED_TTL);
-        if stale {
-            let _ = std::fs::remove_file(&file);
-        }
-    }
 }
