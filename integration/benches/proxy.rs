@@ -8,7 +8,7 @@
 //! 2. CreateContainer (~10 KB, 20 mounts, 50 annotations) through the intercepted path (decision
 //!    plus byte edit) against the same bytes on a path the proxy passes through untouched, and the
 //!    decision plus edit alone, in process.
-//!    Then callers beside each other: a Version call's p99 while 500 ListContainers(1,000) stream
+//!    Then callers beside each other: a Version call's p99 while 500 ListContainers(4,000) stream
 //!    on another connection, and while one caller has 5 of them stalled (never read, 64 KiB
 //!    windows), each as a ratio to the same figure without them.
 //! 3. The real containerd (sandboxed by the harness): Version, ContainerStatus, ListContainers,
@@ -153,7 +153,7 @@ async fn throughput(
     (callers * each) as f64 / started.elapsed().as_secs_f64()
 }
 
-/// A Version call's p50/p99 on a connection of its own while `streams` ListContainers(1,000)
+/// A Version call's p50/p99 on a connection of its own while `streams` ListContainers
 /// calls stream on another connection (none: alone).
 async fn version_beside_lists(socket: &Path, streams: usize) -> Latency {
     let busy = Client::new(socket).await;
@@ -172,7 +172,7 @@ async fn version_beside_lists(socket: &Path, streams: usize) -> Latency {
     sampled
 }
 
-/// A caller that asked for 5 ListContainers(1,000) and reads none of them: 64 KiB windows, the
+/// A caller that asked for 5 ListContainers and reads none of them: 64 KiB windows, the
 /// responses held unread while it lives.
 struct StalledReader {
     _sender: hyper::client::conn::http2::SendRequest<http_body_util::Full<Bytes>>,
@@ -232,13 +232,31 @@ fn beside_row(name: &str, alone: &Latency, beside: &Latency) {
     );
 }
 
-async fn callers_beside_each_other(direct: &Path, proxy: &Path) {
-    println!("\n== callers beside each other (Version on its own connection)");
+/// Callers beside each other, on a fake of their own whose ListContainers answer is 2.5 MB (4,000
+/// containers), as on a busy node: big enough that 5 unread answers exceed every window.
+async fn callers_beside_each_other() {
+    let list = Bytes::from(
+        cri::ListContainersResponse {
+            containers: (0..4000).map(container).collect(),
+        }
+        .encode_to_vec(),
+    );
+    println!(
+        "\n== callers beside each other (Version on its own connection; ListContainers(4,000), {} bytes)",
+        list.len()
+    );
+    let fake = FakeUpstream::start(move |path, _| match path {
+        LIST => Answer::Message(list.clone()),
+        _ => Answer::Message(Bytes::from_static(b"\x0a\x050.1.0")),
+    })
+    .await;
+    let proxy = BinaryProxy::start(fake.socket()).await;
+    let (direct, proxy) = (fake.socket(), proxy.socket.as_path());
     for (name, socket) in [("direct", direct), ("dockhand", proxy)] {
         let alone = version_beside_lists(socket, 0).await;
         let beside = version_beside_lists(socket, 500).await;
         beside_row(
-            &format!("{name}: while 500 ListContainers(1,000) stream"),
+            &format!("{name}: while 500 ListContainers(4,000) stream"),
             &alone,
             &beside,
         );
@@ -514,7 +532,8 @@ async fn fake_section() {
         rss as f64 / 1024.0,
         hwm as f64 / 1024.0
     );
-    callers_beside_each_other(fake.socket(), &proxy.socket).await;
+    drop(proxy);
+    callers_beside_each_other().await;
 }
 
 fn edit_section() {

@@ -177,6 +177,26 @@ async fn scenario(client: Client, socket: &Path, cri: &Cri, t: &mut Transcript) 
     Ok(())
 }
 
+/// The one known difference (README, "What a caller sees"): grpcio advertises a 16 KiB header
+/// list limit (SETTINGS_MAX_HEADER_LIST_SIZE). containerd (grpc-go) checks a reply's headers
+/// against it and resets the stream (grpcio: `Internal`, RST_STREAM code 2); dockhand's HTTP/2
+/// library does not check the peer's limit and sends the 17 KB `grpc-message`, which grpcio then
+/// refuses itself (`ResourceExhausted`, "received metadata size exceeds"). Either way the call
+/// fails without its answer; this says exactly how, so any other change still fails the test.
+fn grpcio_header_limit(
+    client: Client,
+    direct: &(String, String),
+    proxied: &(String, String),
+) -> bool {
+    client == Client::Grpcio
+        && direct.0 == proxied.0
+        && direct.0.ends_with("17 KB id")
+        && direct.1.starts_with("Err(Internal")
+        && direct.1.contains("RST_STREAM")
+        && proxied.1.starts_with("Err(ResourceExhausted")
+        && proxied.1.contains("metadata size exceeds")
+}
+
 /// The step's normalised text.
 fn step<'a>(steps: &'a [(String, String)], name: &str) -> &'a str {
     &steps
@@ -204,6 +224,7 @@ async fn compare(client: Client) -> Result<()> {
         .iter()
         .zip(&p)
         .chain(p.get(d.len()).map(|extra| (extra, extra)))
+        .filter(|(d, p)| !grpcio_header_limit(client, d, p))
         .filter(|(d, p)| d != p || d.0 == "scenario stopped")
         .map(|(d, p)| {
             let name = if d.0 == p.0 {
@@ -241,11 +262,11 @@ async fn compare(client: Client) -> Result<()> {
         );
     }
     assert!(step(&steps, "ContainerStatus running").contains("ContainerRunning"));
-    for not_found in [
-        "ContainerStatus unknown id",
-        "StartContainer unknown id",
-        "ContainerStatus 17 KB id",
-    ] {
+    let mut not_found = vec!["ContainerStatus unknown id", "StartContainer unknown id"];
+    if client != Client::Grpcio {
+        not_found.push("ContainerStatus 17 KB id");
+    }
+    for not_found in not_found {
         let text = step(&steps, not_found);
         assert!(text.starts_with("Err(NotFound"), "{not_found}: {text}");
     }
