@@ -209,18 +209,19 @@ impl StalledReader {
     }
 }
 
-/// A Version call's p50/p99 on a connection of its own while a [`StalledReader`] is stuck.
-async fn version_beside_stalled(socket: &Path) -> Latency {
+/// A Version call's p50/p99 on a connection of its own while a [`StalledReader`] is stuck;
+/// `None` when 2,000 calls did not finish within 30 s (the other caller is stalled too).
+async fn version_beside_stalled(socket: &Path) -> Option<Latency> {
     let _stalled = StalledReader::start(socket).await;
     // Let the stalled streams fill every window and buffer they can.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut probe = Client::new(socket).await;
     tokio::time::timeout(
-        Duration::from_secs(60),
+        Duration::from_secs(30),
         latency(&mut probe, VERSION, &Bytes::new(), 2000),
     )
     .await
-    .expect("Version answers beside a stalled reader")
+    .ok()
 }
 
 fn beside_row(name: &str, alone: &Latency, beside: &Latency) {
@@ -263,12 +264,11 @@ async fn callers_beside_each_other() {
     }
     for (name, socket) in [("direct", direct), ("dockhand", proxy)] {
         let alone = version_beside_lists(socket, 0).await;
-        let beside = version_beside_stalled(socket).await;
-        beside_row(
-            &format!("{name}: while one caller stalls 5 lists"),
-            &alone,
-            &beside,
-        );
+        let row_name = format!("{name}: while one caller stalls 5 lists");
+        match version_beside_stalled(socket).await {
+            Some(beside) => beside_row(&row_name, &alone, &beside),
+            None => println!("{row_name:<52} STALLED: 2,000 Version calls did not finish in 30 s"),
+        }
     }
 }
 

@@ -473,11 +473,12 @@ fn grpc_status(headers: &http::HeaderMap) -> Option<&str> {
     headers.get("grpc-status").and_then(|v| v.to_str().ok())
 }
 
-const INTERCEPTED: [&str; 5] = [
+const INTERCEPTED: [&str; 6] = [
     "/runtime.v1.RuntimeService/CreateContainer",
     "/runtime.v1.RuntimeService/StartContainer",
     "/runtime.v1.RuntimeService/ReopenContainerLog",
     "/runtime.v1.RuntimeService/RemoveContainer",
+    "/runtime.v1.RuntimeService/RemovePodSandbox",
     "/runtime.v1.RuntimeService/ContainerStatus",
 ];
 
