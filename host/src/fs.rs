@@ -130,6 +130,26 @@ pub fn write_atomic_mode(
     data: &[u8],
     mode: u32,
 ) -> io::Result<()> {
+    write_then_rename(dir, name, data, mode, true)?;
+    sync_dir(dir)
+}
+
+/// [`write_atomic`] without the fsyncs: a crash of the writing process leaves the old or the new
+/// content (the kernel has it), a crash of the machine may leave the old. For a write on a
+/// caller's path whose fsync would also flush other files' dirty data (ext4's ordered mode).
+pub fn write_replace(dir: BorrowedFd<'_>, name: &str, data: &[u8]) -> io::Result<()> {
+    write_then_rename(dir, name, data, 0o600, false)
+}
+
+/// Writes `data` to a fresh temporary file next to `name` (fsynced when `sync`), then renames it
+/// over `name`; the temporary file is removed on failure.
+fn write_then_rename(
+    dir: BorrowedFd<'_>,
+    name: &str,
+    data: &[u8],
+    mode: u32,
+    sync: bool,
+) -> io::Result<()> {
     check_component(OsStr::new(name))?;
     let tmp = temp_name(name);
     // O_EXCL: never through a symlink or over a file someone else made.
@@ -141,29 +161,10 @@ pub fn write_atomic_mode(
     )
     .map_err(io)?;
     let mut file = File::from(fd);
-    let written = file.write_all(data).and_then(|()| file.sync_all());
+    let written = file
+        .write_all(data)
+        .and_then(|()| if sync { file.sync_all() } else { Ok(()) });
     if let Err(e) = written.and_then(|()| rename(dir, &tmp, name)) {
-        let _ = rfs::unlinkat(dir, tmp.as_str(), AtFlags::empty());
-        return Err(e);
-    }
-    sync_dir(dir)
-}
-
-/// [`write_atomic`] without the fsyncs: a crash of the writing process leaves the old or the new
-/// content (the kernel has it), a crash of the machine may leave the old. For a write on a
-/// caller's path whose fsync would also flush other files' dirty data (ext4's ordered mode).
-pub fn write_replace(dir: BorrowedFd<'_>, name: &str, data: &[u8]) -> io::Result<()> {
-    check_component(OsStr::new(name))?;
-    let tmp = temp_name(name);
-    let fd = rfs::openat(
-        dir,
-        tmp.as_str(),
-        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::from_raw_mode(0o600),
-    )
-    .map_err(io)?;
-    let mut file = File::from(fd);
-    if let Err(e) = file.write_all(data).and_then(|()| rename(dir, &tmp, name)) {
         let _ = rfs::unlinkat(dir, tmp.as_str(), AtFlags::empty());
         return Err(e);
     }

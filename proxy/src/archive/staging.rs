@@ -9,7 +9,7 @@
 
 use std::ffi::{OsStr, OsString};
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
 
 use super::store::ContainerMeta;
@@ -367,17 +367,18 @@ impl Staging {
     /// (the worker's `meta.json` is fsynced). RemoveContainer's path uses it: an fsync there
     /// would wait for the container's whole dirty log to reach the disk.
     pub fn write_record_unsynced(&self, meta: &ContainerMeta) -> Result<(), StagingError> {
-        let id = &meta.id;
-        let dir = self.create_container(id).map_err(self.io_err(id))?;
-        let text = serde_json::to_vec_pretty(meta).map_err(|source| StagingError::Record {
-            id: id.clone(),
-            path: self.root.join(id.as_str()),
-            source,
-        })?;
-        nofollow::write_replace(dir.as_fd(), RECORD_FILE, &text).map_err(self.io_err(id))
+        self.put_record(meta, nofollow::write_replace)
     }
 
     pub fn write_record(&self, meta: &ContainerMeta) -> Result<(), StagingError> {
+        self.put_record(meta, nofollow::write_atomic)
+    }
+
+    fn put_record(
+        &self,
+        meta: &ContainerMeta,
+        write: fn(BorrowedFd<'_>, &str, &[u8]) -> std::io::Result<()>,
+    ) -> Result<(), StagingError> {
         let id = &meta.id;
         let dir = self.create_container(id).map_err(self.io_err(id))?;
         let text = serde_json::to_vec_pretty(meta).map_err(|source| StagingError::Record {
@@ -385,7 +386,7 @@ impl Staging {
             path: self.root.join(id.as_str()),
             source,
         })?;
-        nofollow::write_atomic(dir.as_fd(), RECORD_FILE, &text).map_err(self.io_err(id))
+        write(dir.as_fd(), RECORD_FILE, &text).map_err(self.io_err(id))
     }
 
     pub fn read_record(&self, id: &ContainerId) -> Result<Option<ContainerMeta>, StagingError> {
