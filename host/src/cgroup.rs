@@ -111,6 +111,65 @@ pub fn cgroup_rel_path(cgroups_path: &str) -> Result<(Driver, String), CgroupErr
     }
 }
 
+/// Where runc puts a container whose driver is known (runc's `SystemdCgroup` option, which the
+/// shim receives with the task): the placement and the record's driver.
+///
+/// systemd: `slice:prefix:name` as [`cgroup_rel_path`] expands it. cgroupfs: the path as given,
+/// even when it looks like systemd's (containerd writes `test.slice:cri-containerd:<id>` for a
+/// parent ending in `.slice`, whatever the driver); an absolute path is inside every hierarchy's
+/// root, a relative one is under runc's own cgroup (runc's `fs` driver joins it to the cgroup of
+/// the process that runs it, `GetOwnCgroupPath`), which `runc_cgroup` gives (`/proc/<pid>/cgroup`
+/// of runc's parent, the stock shim).
+pub fn placement_for(
+    cgroups_path: &str,
+    systemd: bool,
+    mounts: &CgroupMounts,
+    runc_cgroup: &[ProcEntry],
+) -> Result<(Driver, Placement), CgroupError> {
+    if systemd {
+        if cgroups_path.split(':').count() != 3 {
+            return Err(CgroupError::CgroupsPath {
+                path: cgroups_path.to_string(),
+                reason: "the systemd driver wants slice:prefix:name",
+            });
+        }
+        let (_, rel) = cgroup_rel_path(cgroups_path)?;
+        return Ok((Driver::Systemd, mounts.expected_placement(&rel)));
+    }
+    if cgroups_path.is_empty() || cgroups_path.split('/').any(|c| c == "..") {
+        return Err(CgroupError::CgroupsPath {
+            path: cgroups_path.to_string(),
+            reason: "empty, or contains ..",
+        });
+    }
+    if cgroups_path.starts_with('/') {
+        return Ok((Driver::Cgroupfs, mounts.expected_placement(cgroups_path)));
+    }
+    let under = |own: &str| format!("{}/{cgroups_path}", own.trim_end_matches('/'));
+    let placement = if mounts.is_v1() {
+        let controllers = mounts
+            .v1
+            .iter()
+            .filter(|m| m.is_resource())
+            .map(|m| {
+                let own = runc_cgroup
+                    .iter()
+                    .find(|e| same_set(&e.controllers, &m.controllers))
+                    .map_or("/", |e| e.path.as_str());
+                (m.controllers.join(","), m.dir_of(&under(own)))
+            })
+            .collect();
+        Placement::V1 { controllers }
+    } else {
+        let own = runc_cgroup
+            .iter()
+            .find(|e| e.hierarchy == 0 && e.controllers.is_empty())
+            .map_or("/", |e| e.path.as_str());
+        mounts.expected_placement(&under(own))
+    };
+    Ok((Driver::Cgroupfs, placement))
+}
+
 /// systemd's slice expansion (`ExpandSlice` in runc's systemd driver).
 fn expand_slice(slice: &str) -> Option<String> {
     let stem = slice.strip_suffix(".slice")?;
@@ -634,6 +693,44 @@ mod tests {
         assert!(!gone.matches);
         assert_eq!(gone.missing, vec![root.join("pids").join(&rel[1..])]);
         fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn the_driver_decides_how_a_systemd_looking_path_is_read() {
+        let table = "30 25 0:26 / /sys/fs/cgroup/memory rw,nosuid shared:9 - cgroup cgroup rw,memory\n\
+                     31 25 0:27 / /sys/fs/cgroup/pids rw,nosuid shared:10 - cgroup cgroup rw,pids\n";
+        let mounts = CgroupMounts::parse(table);
+        let own = parse_proc_cgroup("4:memory:/system.slice/containerd.service\n3:pids:/shims\n");
+        let given = "test.slice:cri-containerd:abc";
+        // systemd: a scope under the expanded slice.
+        let (driver, placement) = placement_for(given, true, &mounts, &own).unwrap();
+        assert_eq!(driver, Driver::Systemd);
+        assert_eq!(
+            placement.dirs()[0].1,
+            Path::new("/sys/fs/cgroup/memory/test.slice/cri-containerd-abc.scope")
+        );
+        // cgroupfs: the same text is a relative directory name under runc's own cgroup.
+        let (driver, placement) = placement_for(given, false, &mounts, &own).unwrap();
+        assert_eq!(driver, Driver::Cgroupfs);
+        let Placement::V1 { controllers } = placement else {
+            panic!("v1 mounts give a v1 placement")
+        };
+        assert_eq!(
+            controllers["memory"],
+            Path::new("/sys/fs/cgroup/memory/system.slice/containerd.service/test.slice:cri-containerd:abc")
+        );
+        assert_eq!(
+            controllers["pids"],
+            Path::new("/sys/fs/cgroup/pids/shims/test.slice:cri-containerd:abc")
+        );
+        // cgroupfs with an absolute path: inside each hierarchy's root, as before.
+        let (_, placement) = placement_for("/kubepods/x", false, &mounts, &own).unwrap();
+        assert_eq!(
+            placement.dirs()[0].1,
+            Path::new("/sys/fs/cgroup/memory/kubepods/x")
+        );
+        assert!(placement_for("a/../b", false, &mounts, &own).is_err());
+        assert!(placement_for("/kubepods/x", true, &mounts, &own).is_err());
     }
 
     #[test]

@@ -571,3 +571,38 @@ async fn a_container_that_exits_at_once_is_unverified_not_a_mismatch() {
         node.containerd_log_tail(40)
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slice_parent_under_cgroupfs_is_recorded_where_runc_puts_it() {
+    // critest's fallback parent (and any parent ending in .slice) makes containerd write
+    // `test.slice:cri-containerd:<id>` whatever the driver. With SystemdCgroup = false (this
+    // harness), runc's cgroupfs driver reads it as a directory name relative to its own cgroup.
+    let shim = ShimInstall::new().unwrap();
+    let node = node_with(Some(&shim)).await.unwrap();
+    let cri = node.cri().await.unwrap();
+    let mut spec = PodSpec::new("sliced");
+    spec.cgroup_parent = Some("/test.slice".into());
+    let pod = cri.run_pod(&spec).await.unwrap();
+    let id = cri
+        .run_container(&pod, &ContainerSpec::sleeper("app"))
+        .await
+        .unwrap();
+    let pid = cri_pid(&cri, &id).await.unwrap();
+    let rec = record::read(&shim.records(), &id)
+        .unwrap()
+        .expect("a record");
+    assert_eq!(rec.cgroups_path, format!("test.slice:cri-containerd:{id}"));
+    assert_eq!(rec.driver, Driver::Cgroupfs);
+    let check = rec.check.as_ref().expect("a check");
+    assert!(check.matches, "{check:#?}\n{:#?}", rec.placement);
+    let Placement::V1 { controllers } = &rec.placement else {
+        panic!(
+            "this host is hybrid; containerd treats it as v1: {:?}",
+            rec.placement
+        );
+    };
+    assert_eq!(controllers["memory"], proc_memory_dir(pid).unwrap());
+    assert!(controllers["memory"].ends_with(format!("test.slice:cri-containerd:{id}")));
+    cri.stop_pod(&pod.id).await.unwrap();
+    cri.remove_pod(&pod.id).await.unwrap();
+}

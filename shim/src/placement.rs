@@ -18,7 +18,8 @@ use containerd_shim_protos::api::{
     ConnectResponse, CreateTaskRequest, CreateTaskResponse, DeleteRequest, StartRequest,
     StartResponse,
 };
-use containerd_shim_protos::protobuf::Message;
+use containerd_shim_protos::protobuf::rt::WireType;
+use containerd_shim_protos::protobuf::{CodedInputStream, Message};
 use containerd_shim_protos::ttrpc::{Code, Response};
 use dockhand_host::cgroup::{self, CgroupError, CgroupMounts};
 use dockhand_host::id::is_container_id;
@@ -123,11 +124,28 @@ impl Recorder {
             debug!(container = %req.id, "no linux.cgroupsPath; no record");
             return Ok(());
         };
-        let (driver, rel) = cgroup::cgroup_rel_path(&cgroups_path)?;
-        let placement = self.mounts.expected_placement(&rel);
         let pid = (res.pid != 0).then_some(res.pid);
+        let (driver, placement) = match runc_systemd_cgroup(&req) {
+            // runc's driver is known: read cgroupsPath as runc will.
+            Some(systemd) => {
+                let runc_cgroup = pid
+                    .and_then(|pid| parent_cgroup(&self.proc_root, pid))
+                    .or_else(|| own_cgroup(&self.proc_root))
+                    .unwrap_or_default();
+                cgroup::placement_for(&cgroups_path, systemd, &self.mounts, &runc_cgroup)?
+            }
+            // No runc options (another runtime type): the driver is guessed from the path.
+            None => {
+                let (driver, rel) = cgroup::cgroup_rel_path(&cgroups_path)?;
+                (driver, self.mounts.expected_placement(&rel))
+            }
+        };
         let check =
             pid.map(|pid| cgroup::check_pid(&self.proc_root, pid, &self.mounts, &placement));
+        // kubelet's QoS parents read the same under either driver's spelling.
+        let qos_class = cgroup::cgroup_rel_path(&cgroups_path)
+            .ok()
+            .and_then(|(_, rel)| cgroup::qos_class(&rel));
         let a = &spec.annotations;
         let pod = a.get(ANN_POD_NAME).map(|name| PodRef {
             namespace: a.get(ANN_POD_NAMESPACE).cloned().unwrap_or_default(),
@@ -145,7 +163,7 @@ impl Recorder {
             container_name: a.get(ANN_CONTAINER_NAME).cloned(),
             cgroups_path,
             driver,
-            qos_class: cgroup::qos_class(&rel),
+            qos_class,
             pid,
             placement,
             check,
@@ -237,6 +255,49 @@ fn warn_mismatch(record: &Record) {
             "cgroup placement does not match /proc/<pid>/cgroup; recorded"
         );
     }
+}
+
+/// runc's `SystemdCgroup` option from the task's options (`containerd.runc.v1.Options`, field 9
+/// `systemd_cgroup`; absent means false), or `None` when the options are not runc's. Decoded by
+/// field number: the message is not among containerd-shim-protos' types.
+fn runc_systemd_cgroup(req: &CreateTaskRequest) -> Option<bool> {
+    const SYSTEMD_CGROUP: u32 = 9;
+    let options = req.options.as_ref()?;
+    if !options.type_url.ends_with("containerd.runc.v1.Options") {
+        return None;
+    }
+    let mut input = CodedInputStream::from_bytes(&options.value);
+    let mut systemd = false;
+    while let Ok(Some(tag)) = input.read_raw_tag_or_eof() {
+        let (field, wire_type) = (tag >> 3, WireType::new(tag & 7)?);
+        if field == SYSTEMD_CGROUP && wire_type == WireType::Varint {
+            systemd = input.read_bool().ok()?;
+        } else if input.skip_field(wire_type).is_err() {
+            return None;
+        }
+    }
+    Some(systemd)
+}
+
+/// `/proc/<ppid>/cgroup` of the container's init: at Create its parent is the stock shim (runc
+/// has exited and the shim, a subreaper, adopted it), whose cgroup is the one runc ran in.
+fn parent_cgroup(proc_root: &Path, pid: u32) -> Option<Vec<cgroup::ProcEntry>> {
+    let status = std::fs::read_to_string(proc_root.join(pid.to_string()).join("status")).ok()?;
+    let ppid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))?
+        .trim()
+        .parse::<u32>()
+        .ok()
+        .filter(|&ppid| ppid > 1)?;
+    let text = std::fs::read_to_string(proc_root.join(ppid.to_string()).join("cgroup")).ok()?;
+    Some(cgroup::parse_proc_cgroup(&text))
+}
+
+/// This shim's own cgroup (the stock shim's too, unless runc's `ShimCgroup` moved it).
+fn own_cgroup(proc_root: &Path) -> Option<Vec<cgroup::ProcEntry>> {
+    let text = std::fs::read_to_string(proc_root.join("self/cgroup")).ok()?;
+    Some(cgroup::parse_proc_cgroup(&text))
 }
 
 /// Reads the bundle's `config.json`, refusing a symlink.
