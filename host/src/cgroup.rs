@@ -488,15 +488,26 @@ fn read_and_check(
     }
 }
 
-/// Whether `<proc_root>/<pid>` is a process that has not exited (its `stat` state is not `Z`).
+/// Whether `<proc_root>/<pid>` is a process that is not exiting: its `stat` state is not `Z` or
+/// `X`, and its flags lack `PF_EXITING` (set before the kernel moves an exiting task to each
+/// hierarchy's root, long before it is a zombie on a busy machine).
 fn alive(proc_root: &Path, pid: u32) -> bool {
+    const PF_EXITING: u64 = 0x4;
     let Ok(stat) = fs::read_to_string(proc_root.join(pid.to_string()).join("stat")) else {
         return false;
     };
-    // `pid (comm) state ...`; comm may hold spaces and parentheses: the state follows the last ')'.
-    stat.rsplit_once(')')
-        .and_then(|(_, rest)| rest.split_whitespace().next())
-        .is_some_and(|state| state != "Z" && state != "X")
+    // `pid (comm) state ppid pgrp session tty_nr tpgid flags ...`; comm may hold spaces and
+    // parentheses: the fields follow the last ')'.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return false;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let state_alive = fields.first().is_some_and(|s| *s != "Z" && *s != "X");
+    let flags = fields
+        .get(6)
+        .and_then(|f| f.parse::<u64>().ok())
+        .unwrap_or(0);
+    state_alive && flags & PF_EXITING == 0
 }
 
 /// The fallback for containers without a shim record: the placement a running pid is in, read
@@ -775,7 +786,11 @@ mod tests {
         assert!(ok.matches, "{ok:?}");
         // No stat file in the fixture: a pid whose /proc entry is there counts as alive only
         // when its stat says so.
-        fs::write(root.join("proc/42/stat"), "42 (sleep) S 1 42 42 0\n").unwrap();
+        fs::write(
+            root.join("proc/42/stat"),
+            "42 (sleep) S 1 42 42 0 -1 4194560\n",
+        )
+        .unwrap();
         let ok = check_pid(&root.join("proc"), 42, &mounts, &expected);
         assert!(ok.matches && !ok.unverified, "{ok:?}");
         // A process gone before the check: unverified, not a mismatch.
@@ -784,11 +799,27 @@ mod tests {
         // A zombie elsewhere (its cgroups torn down): unverified too.
         fs::create_dir_all(root.join("proc/44")).unwrap();
         fs::write(root.join("proc/44/cgroup"), "0::/\n").unwrap();
-        fs::write(root.join("proc/44/stat"), "44 (a (b) c) Z 1 44 44 0\n").unwrap();
+        fs::write(
+            root.join("proc/44/stat"),
+            "44 (a (b) c) Z 1 44 44 0 -1 4194560\n",
+        )
+        .unwrap();
         let zombie = check_pid(&root.join("proc"), 44, &mounts, &expected);
         assert!(!zombie.matches && zombie.unverified, "{zombie:?}");
+        // An exiting one (PF_EXITING, 0x4, in its flags) already sits in the root: unverified.
+        fs::write(
+            root.join("proc/44/stat"),
+            "44 (a (b) c) R 1 44 44 0 -1 4194564\n",
+        )
+        .unwrap();
+        let exiting = check_pid(&root.join("proc"), 44, &mounts, &expected);
+        assert!(!exiting.matches && exiting.unverified, "{exiting:?}");
         // A live process elsewhere is a mismatch.
-        fs::write(root.join("proc/44/stat"), "44 (a (b) c) S 1 44 44 0\n").unwrap();
+        fs::write(
+            root.join("proc/44/stat"),
+            "44 (a (b) c) S 1 44 44 0 -1 4194560\n",
+        )
+        .unwrap();
         let elsewhere = check_pid(&root.join("proc"), 44, &mounts, &expected);
         assert!(!elsewhere.matches && !elsewhere.unverified, "{elsewhere:?}");
 

@@ -18,6 +18,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, ExitStatus, Stdio};
 
+use dockhand_host::record;
 use tracing::{info, warn};
 
 use crate::args::Flags;
@@ -96,6 +97,9 @@ pub fn start(flags: &Flags, args: &[OsString], config: &Config) -> Result<ExitCo
         None => info!(address = %own, "shim already serving this delegate"),
     }
     write_address_file(Path::new("address"), &own)?;
+    // The `delete` action, run by containerd after this shim died, needs the delegate's address,
+    // which the `address` file no longer names.
+    write_address_file(Path::new(DELEGATE_ADDRESS_FILE), &reply.address)?;
     stdout
         .write_all(&reply.with_address(&own))
         .and_then(|()| stdout.flush())
@@ -172,16 +176,95 @@ fn write_address_file(path: &Path, address: &str) -> Result<(), ActionError> {
     .map_err(io_err("write", path))
 }
 
-/// The `delete` action: the delegate's answer relayed, then the record removed.
+/// The `delete` action (containerd's cleanup of a task whose shim is gone): the delegate's answer
+/// relayed, then what this shim leaves behind removed, so that no more is left than after the
+/// stock shim's death:
+/// - the record of `id`, and of every container of the pod when `id` is its sandbox (containerd
+///   2.x runs `delete` once, with the sandbox's id, for a pod's shim);
+/// - the delegate itself, when this shim's daemon is gone but the delegate still serves: it would
+///   serve a socket nobody knows for ever (the stock shim, SIGKILLed, leaves no process). It is
+///   SIGKILLed, as the stock shim was, and its socket and this shim's are removed.
 pub fn delete(flags: &Flags, args: &[OsString], config: &Config) -> Result<ExitCode, ActionError> {
     let status = delegate(config, args).status().map_err(run_err(config))?;
     if status.success() && dockhand_host::id::is_container_id(&flags.id) {
-        match dockhand_host::record::remove(&config.record_dir, &flags.id) {
-            Ok(()) => info!(container = %flags.id, "record removed by delete action"),
-            Err(e) => warn!(container = %flags.id, error = %e, "cannot remove record"),
+        remove_records(&config.record_dir, &flags.id);
+    }
+    stop_orphaned_delegate(flags, config);
+    Ok(exit_code(status))
+}
+
+/// Written next to `address` in the bundle by `start`: the delegate's own address.
+pub const DELEGATE_ADDRESS_FILE: &str = "dockhand-delegate-address";
+
+fn remove_records(dir: &Path, id: &str) {
+    let records = record::list(dir).into_iter().flatten().flatten();
+    let pod_members = records.filter_map(|r| {
+        (r.sandbox_id.as_deref() == Some(id) && r.container_id != id).then_some(r.container_id)
+    });
+    for container in std::iter::once(id.to_string()).chain(pod_members.collect::<Vec<_>>()) {
+        match record::remove(dir, &container) {
+            Ok(()) => info!(container = %container, "record removed by delete action"),
+            Err(e) => warn!(container = %container, error = %e, "cannot remove record"),
         }
     }
-    Ok(exit_code(status))
+}
+
+/// Kills the delegate named in the bundle when this shim's socket (the bundle's `address`) has
+/// no daemon behind it, then removes both sockets. Anything unexpected leaves things as they are.
+fn stop_orphaned_delegate(flags: &Flags, config: &Config) {
+    let read = |name: &str| {
+        std::fs::read_to_string(name)
+            .ok()
+            .and_then(|a| crate::daemon::socket_path(a.trim()))
+    };
+    let (Some(own), Some(delegate)) = (read("address"), read(DELEGATE_ADDRESS_FILE)) else {
+        return;
+    };
+    if own == delegate || UnixStream::connect(&own).is_ok() {
+        // This shim still serves (or the bundle is not ours): the delegate is not orphaned.
+        return;
+    }
+    if UnixStream::connect(&delegate).is_ok() {
+        match find_delegate(flags, config) {
+            Some(pid) => match rustix::process::kill_process(pid, rustix::process::Signal::KILL) {
+                Ok(()) => info!(pid = pid.as_raw_nonzero().get(), "orphaned delegate killed"),
+                Err(e) => warn!(error = %e, "cannot kill the orphaned delegate"),
+            },
+            // Not this pod's delegate (containerd 1.x runs `delete` for each container too).
+            None => return,
+        }
+    }
+    crate::daemon::cleanup(&own, &delegate);
+}
+
+/// The delegate daemon serving this pod: the delegate binary run with this `-namespace` and
+/// `-id` and no action (the daemon's command line, as its `start` launched it). Its socket cannot
+/// tell: SO_PEERCRED names the process that listened, the delegate's `start`, long gone.
+fn find_delegate(flags: &Flags, config: &Config) -> Option<rustix::process::Pid> {
+    let delegate = std::fs::canonicalize(&config.delegate).ok()?;
+    let me = std::process::id();
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            if pid == me || std::fs::read_link(entry.path().join("exe")).ok()? != delegate {
+                return None;
+            }
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let args: Vec<&[u8]> = cmdline
+                .split(|&b| b == 0)
+                .filter(|a| !a.is_empty())
+                .collect();
+            let flag = |name: &[u8]| args.windows(2).find(|w| w[0] == name).map(|w| w[1]);
+            let daemon = flag(b"-id") == Some(flags.id.as_bytes())
+                && flag(b"-namespace") == Some(flags.namespace.as_bytes())
+                && !args.iter().any(|a| *a == b"start" || *a == b"delete");
+            daemon
+                .then(|| i32::try_from(pid).ok())
+                .flatten()
+                .and_then(rustix::process::Pid::from_raw)
+        })
 }
 
 /// Any other action: the delegate with stdin, stdout, stderr and exit status relayed.
