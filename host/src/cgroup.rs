@@ -441,32 +441,17 @@ pub fn check(
 ///
 /// A process that is exiting says nothing about where it was placed: the kernel moves it to each
 /// hierarchy's root before it becomes a zombie, so a container that exits at once reads as being
-/// in `/`. A check that does not match is therefore confirmed: up to [`CONFIRM_TRIES`] more reads
-/// [`CONFIRM_WAIT`] apart, and if by then the process is gone or a zombie the check is
-/// unverified, not a mismatch. (Only a mismatch waits; a matching check returns at once.)
+/// in `/`. A check that does not match is unverified, not a mismatch, when the process is gone, a
+/// zombie or exiting (`PF_EXITING`). Nothing here waits: the shim checks on the path of
+/// containerd's Create and Start, which must not be slowed down (containerd orders a task's OOM
+/// and exit events around them).
 pub fn check_pid(proc_root: &Path, pid: u32, mounts: &CgroupMounts, expected: &Placement) -> Check {
     let mut check = read_and_check(proc_root, pid, mounts, expected);
-    for _ in 0..CONFIRM_TRIES {
-        if check.matches {
-            return check;
-        }
-        if !alive(proc_root, pid) {
-            check.unverified = true;
-            return check;
-        }
-        std::thread::sleep(CONFIRM_WAIT);
-        check = read_and_check(proc_root, pid, mounts, expected);
-    }
     if !check.matches && !alive(proc_root, pid) {
         check.unverified = true;
     }
     check
 }
-
-/// How many times, and how far apart, a check that does not match is read again before it is a
-/// mismatch (an exiting process turns into a zombie within microseconds).
-pub const CONFIRM_TRIES: usize = 3;
-pub const CONFIRM_WAIT: std::time::Duration = std::time::Duration::from_millis(10);
 
 fn read_and_check(
     proc_root: &Path,
