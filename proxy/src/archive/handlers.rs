@@ -178,28 +178,31 @@ async fn remove_pod_sandbox(archive: &Archive, call: UnaryCall) -> Reply {
     let Some(pod) = pod else {
         return call.forward_unchanged().await;
     };
-    let members: Vec<(ContainerId, ContainerMeta)> = {
+    // containerd also takes a unique prefix of a sandbox id: the staged containers of every
+    // sandbox the given id could name are candidates, and only those of a sandbox with exactly
+    // that id count as removed by an OK answer; for the others containerd is asked.
+    let members: Vec<(ContainerId, ContainerMeta, bool)> = {
         let state = archive.state();
         state
             .staged
             .iter()
             .filter(|(id, s)| s.sandbox.starts_with(&pod) && !state.pending.contains(*id))
-            .map(|(id, s)| (id.clone(), s.meta.clone()))
+            .map(|(id, s)| (id.clone(), s.meta.clone(), s.sandbox == pod))
             .collect()
     };
     if members.is_empty() {
         return call.forward_unchanged().await;
     }
     let mut ended_members = Vec::with_capacity(members.len());
-    for (id, meta) in members {
+    for (id, meta, exact) in members {
         let meta = ended(archive, &id, meta).await;
         archive.keep_record(&meta).await;
-        ended_members.push((id, meta));
+        ended_members.push((id, meta, exact));
     }
     let reply = call.forward_unchanged().await;
-    let all_gone = matches!(reply.code(), Code::Ok | Code::NotFound);
-    for (id, meta) in ended_members {
-        let gone = all_gone
+    let pod_gone = matches!(reply.code(), Code::Ok | Code::NotFound);
+    for (id, meta, exact) in ended_members {
+        let gone = (pod_gone && exact)
             || matches!(
                 archive.container_meta(&id).await,
                 Err(super::ArchiveError::Upstream { ref status, .. }) if status.code() == Code::NotFound
@@ -301,8 +304,14 @@ async fn archived_status(archive: &Archive, id: &ContainerId) -> Option<Vec<u8>>
     let restored = {
         let id = id.clone();
         tokio::task::spawn_blocking(move || {
+            // Only a new copy can take the restored copies over their bound: kubelet asks for an
+            // archived container again and again, and the walk of every copy is not needed then.
+            let existed = std::fs::symlink_metadata(restore::restored_path(&root, &id))
+                .is_ok_and(|m| m.is_file());
             let path = restore::ensure(&store, &root, &id)?;
-            restore::bound(&root, bound, Some(&id), &archived);
+            if !existed {
+                restore::bound(&root, bound, Some(&id), &archived);
+            }
             Ok::<_, restore::RestoreError>(path)
         })
         .await
