@@ -309,3 +309,26 @@ impl Cri {
         Ok(self.images().image_status(request).await?.into_inner())
     }
 }
+
+/// A gRPC request for a plain HTTP/2 client (no gRPC library in between), for tests that look at
+/// frames, windows or unfinished bodies: POST `path` with gRPC's headers and `body` (already
+/// framed, or streamed by the test).
+pub fn grpc_request<B>(path: &str, body: B) -> http::Request<B> {
+    http::Request::post(format!("http://localhost{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(body)
+        .expect("a valid gRPC request")
+}
+
+/// A gRPC status field (`grpc-status`, `grpc-message`) of a reply: from its head (a
+/// trailers-only reply) or from its trailers.
+pub fn grpc_field(
+    head: &http::HeaderMap,
+    trailers: Option<&http::HeaderMap>,
+    name: &str,
+) -> Option<String> {
+    head.get(name)
+        .or_else(|| trailers.and_then(|t| t.get(name)))
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+}

@@ -12,8 +12,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use dockhand_integration::api;
+use dockhand_integration::cri::{grpc_field, grpc_request};
 use dockhand_integration::{ContainerSpec, Node, NodeOptions, PodSpec, ProxyProcess};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -137,26 +138,14 @@ async fn call(socket: &Path, method: &str, message: &[u8]) -> Result<Reply> {
     let (mut sender, connection) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
     tokio::spawn(connection);
-    let mut body = Vec::with_capacity(5 + message.len());
-    body.push(0);
-    body.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    body.extend_from_slice(message);
-    let request = http::Request::post(format!(
-        "http://localhost/runtime.v1.RuntimeService/{method}"
-    ))
-    .header("content-type", "application/grpc")
-    .header("te", "trailers")
-    .body(Full::new(Bytes::from(body)))?;
+    let request = grpc_request(
+        &format!("/runtime.v1.RuntimeService/{method}"),
+        Full::new(dockhand_protos::codec::frame(message)),
+    );
     let response = sender.send_request(request).await.context("send")?;
     let headers = response.headers().clone();
     let collected = response.into_body().collect().await.context("body")?;
-    let trailers = collected.trailers().cloned().unwrap_or_default();
-    let field = |name: &str| {
-        headers
-            .get(name)
-            .or_else(|| trailers.get(name))
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-    };
+    let field = |name: &str| grpc_field(&headers, collected.trailers(), name);
     // The client's first stream is 1.
     Ok(Reply {
         frames: relay.shape(1),

@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use dockhand_integration::api;
 use dockhand_integration::clients::{Client, Driver};
+use dockhand_integration::cri::{grpc_field, grpc_request};
 use dockhand_integration::{ContainerSpec, Cri, Node, NodeOptions, PodSpec, ProxyProcess};
 use futures::channel::mpsc;
 use futures::SinkExt;
@@ -226,12 +227,10 @@ async fn open_call(
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
     tokio::spawn(connection);
     let (body, frames) = mpsc::channel(4);
-    let request = http::Request::post(format!(
-        "http://localhost/runtime.v1.RuntimeService/{method}"
-    ))
-    .header("content-type", "application/grpc")
-    .header("te", "trailers")
-    .body(StreamBody::new(frames))?;
+    let request = grpc_request(
+        &format!("/runtime.v1.RuntimeService/{method}"),
+        StreamBody::new(frames),
+    );
     let reply = tokio::spawn(async move {
         let response = sender
             .send_request(request)
@@ -239,13 +238,7 @@ async fn open_call(
             .context("no response (stream reset?)")?;
         let headers = response.headers().clone();
         let collected = response.into_body().collect().await.context("body")?;
-        let trailers = collected.trailers().cloned().unwrap_or_default();
-        let field = |name: &str| {
-            headers
-                .get(name)
-                .or_else(|| trailers.get(name))
-                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-        };
+        let field = |name: &str| grpc_field(&headers, collected.trailers(), name);
         Ok((field("grpc-status"), field("grpc-message")))
     });
     Ok((body, reply))

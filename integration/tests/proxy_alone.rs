@@ -5,6 +5,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use dockhand_integration::cri::{grpc_field, grpc_request};
 use dockhand_integration::fake::{Answer, FakeUpstream, InProcessProxy};
 use dockhand_protos::codec::RawCodec;
 use dockhand_protos::cri::{
@@ -451,13 +452,10 @@ async fn framed_call(socket: &Path, path: &str, message: &[u8]) -> Result<Framed
             .handshake(TokioIo::new(stream))
             .await?;
     tokio::spawn(connection);
-    let request = http::Request::post(format!("http://localhost{path}"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(http_body_util::Full::new(dockhand_protos::codec::frame(
-            message,
-        )))
-        .unwrap();
+    let request = grpc_request(
+        path,
+        http_body_util::Full::new(dockhand_protos::codec::frame(message)),
+    );
     let response = sender.send_request(request).await?;
     let (head, body) = response.into_parts();
     let trailers_only = hyper::body::Body::is_end_stream(&body);
@@ -469,8 +467,8 @@ async fn framed_call(socket: &Path, path: &str, message: &[u8]) -> Result<Framed
     })
 }
 
-fn grpc_status(headers: &http::HeaderMap) -> Option<&str> {
-    headers.get("grpc-status").and_then(|v| v.to_str().ok())
+fn grpc_status(headers: &http::HeaderMap) -> Option<String> {
+    grpc_field(headers, None, "grpc-status")
 }
 
 const INTERCEPTED: [&str; 6] = [
@@ -505,7 +503,11 @@ async fn errors_stay_trailers_only() {
             proxied.trailers_only,
             "{path}: through dockhand the error is not one HEADERS frame with END_STREAM"
         );
-        assert_eq!(grpc_status(&proxied.head.headers), Some("5"), "{path}");
+        assert_eq!(
+            grpc_status(&proxied.head.headers),
+            Some("5".into()),
+            "{path}"
+        );
         assert_eq!(
             proxied.head.headers.get("grpc-message"),
             direct.head.headers.get("grpc-message"),
@@ -528,7 +530,7 @@ async fn successes_keep_headers_data_trailers() {
         assert!(!proxied.trailers_only, "{path}");
         assert_eq!(grpc_status(&proxied.head.headers), None, "{path}");
         let trailers = proxied.trailers.expect("trailers after the message");
-        assert_eq!(grpc_status(&trailers), Some("0"), "{path}");
+        assert_eq!(grpc_status(&trailers), Some("0".into()), "{path}");
     }
     proxy.shutdown().await;
 }
@@ -590,7 +592,11 @@ async fn a_17_kb_error_message_passes() {
         "/runtime.v1.RuntimeService/StopContainer",
     ] {
         let proxied = framed_call(proxy.socket(), path, b"").await.unwrap();
-        assert_eq!(grpc_status(&proxied.head.headers), Some("5"), "{path}");
+        assert_eq!(
+            grpc_status(&proxied.head.headers),
+            Some("5".into()),
+            "{path}"
+        );
         let message = proxied.head.headers["grpc-message"].len();
         assert!(message > 17_000, "{path}: grpc-message of {message} bytes");
     }
@@ -605,13 +611,13 @@ async fn request_bodies_are_bounded() {
     // One byte over kubelet's 16 MiB message limit: refused without reaching containerd.
     let big = vec![0u8; (16 << 20) + 1];
     let proxied = framed_call(proxy.socket(), path, &big).await.unwrap();
-    assert_eq!(grpc_status(&proxied.head.headers), Some("8"));
+    assert_eq!(grpc_status(&proxied.head.headers), Some("8".into()));
     assert!(fake.seen_for(path).is_empty());
     // Exactly 16 MiB is a message kubelet may send: it reaches containerd.
     let limit = vec![0u8; 16 << 20];
     let proxied = framed_call(proxy.socket(), path, &limit).await.unwrap();
     let trailers = proxied.trailers.expect("a whole answer");
-    assert_eq!(grpc_status(&trailers), Some("0"));
+    assert_eq!(grpc_status(&trailers), Some("0".into()));
     assert_eq!(fake.seen_for(path).len(), 1);
     proxy.shutdown().await;
 }

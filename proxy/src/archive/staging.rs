@@ -48,7 +48,7 @@ pub enum StagingError {
         pod_logs_mount: String,
     },
     #[error("cannot check that {path} can hold hard links of pod logs: {source}")]
-    Device { path: PathBuf, source: io::Error },
+    LinkProbe { path: PathBuf, source: io::Error },
     #[error("cannot list the staging directory {path}: {source}")]
     List { path: PathBuf, source: io::Error },
     #[error("cannot stage the log of container {id} under {path}: {source}")]
@@ -76,7 +76,7 @@ impl StagingError {
                 "log_missing"
             }
             StagingError::Unsafe { .. } => "unsafe_path",
-            StagingError::CrossDevice { .. } | StagingError::Device { .. } => "cross_device",
+            StagingError::CrossDevice { .. } | StagingError::LinkProbe { .. } => "cross_device",
             StagingError::Io { .. } | StagingError::Record { .. } | StagingError::List { .. } => {
                 "io_error"
             }
@@ -181,7 +181,7 @@ impl Staging {
     pub fn check_links(&self) -> Result<(), StagingError> {
         let setup = |path: &Path| {
             let path = path.to_path_buf();
-            move |source| StagingError::Device { path, source }
+            move |source| StagingError::LinkProbe { path, source }
         };
         let pod_logs =
             nofollow::create_dir_mode(&self.pod_logs, 0o755).map_err(setup(&self.pod_logs))?;
@@ -206,7 +206,7 @@ impl Staging {
                     pod_logs_mount: mount_of(&self.pod_logs),
                 })
             }
-            Err(source) => Err(StagingError::Device {
+            Err(source) => Err(StagingError::LinkProbe {
                 path: self.root.clone(),
                 source,
             }),

@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
+use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -411,13 +412,7 @@ impl Store {
             Ok(raw) => raw,
             Err(e) => {
                 // Give the space back now, not at the next start.
-                let _ = file.set_len(committed).and_then(|()| file.sync_all());
-                drop(file);
-                if existing.is_none() {
-                    drop(dir);
-                    drop(root);
-                    let _ = self.remove(id);
-                }
+                self.undo_append(file, committed, existing.is_none(), id);
                 if e.kind() == io::ErrorKind::StorageFull && e.raw_os_error().is_none() {
                     return Err(StoreError::NoSpace {
                         id: id.clone(),
@@ -447,13 +442,7 @@ impl Store {
         entry.archived_at = now_nanos();
         if let Err(e) = self.write_meta(&dir, &entry) {
             // The frame is not committed: give its space back now.
-            let _ = file.set_len(committed).and_then(|()| file.sync_all());
-            drop(file);
-            if created {
-                drop(dir);
-                drop(root);
-                let _ = self.remove(id);
-            }
+            self.undo_append(file, committed, created, id);
             return Err(e);
         }
         Ok(Appended::Added {
@@ -461,6 +450,16 @@ impl Store {
             raw,
             compressed: log_bytes - committed,
         })
+    }
+
+    /// Cuts `log.zst` back to its `committed` length and, for an entry this append `created`,
+    /// removes it: a failed append never holds space.
+    fn undo_append(&self, file: File, committed: u64, created: bool, id: &ContainerId) {
+        let _ = file.set_len(committed).and_then(|()| file.sync_all());
+        drop(file);
+        if created {
+            let _ = self.remove(id);
+        }
     }
 
     /// Marks a container's entry complete with its final metadata (creating an empty entry
