@@ -538,7 +538,7 @@ async fn fake_section() {
 
 fn edit_section() {
     use dockhand::config::PropagationConfig;
-    use dockhand::propagation::{decide, edits, Rule};
+    use dockhand::testing::{decide, edits, Rule};
     let kubelet = tempfile::tempdir().unwrap();
     let create = realistic_create(kubelet.path());
     let request = cri::CreateContainerRequest::decode(create.clone()).unwrap();
@@ -680,7 +680,7 @@ fn log_lines(bytes: usize) -> Vec<u8> {
 }
 
 fn archive_throughput_section() {
-    use dockhand::archive::store::{Appended, ContainerMeta, Store};
+    use dockhand::testing::{Appended, ContainerMeta, Store};
     use dockhand_host::ContainerId;
     let data = log_lines(100 << 20);
     let dir = tempfile::tempdir().unwrap();

@@ -370,7 +370,7 @@ impl PausedProxy {
             .arg("proxy")
             .arg("--config")
             .arg(&config)
-            .env(dockhand::archive::PAUSE_ENV, stage)
+            .env(dockhand::testing::PAUSE_ENV, stage)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)

@@ -20,10 +20,13 @@
 //! One worker thread runs the queue in order (compression, cleanup, retention); every step is
 //! idempotent, and start-up reconciles staging and the archive with what containerd still has.
 //!
-//! Files: `staging.rs` (hard links), `store.rs` (zstd frames + `meta.json`), `worker.rs` (the
-//! queue and retention), `reconcile.rs` (staging against containerd), `retention.rs` (what to
-//! drop), `restore.rs` (what kubelet sees), `handlers.rs` (the CRI handlers), `meta.rs` (what is
-//! kept about a container), `metrics.rs`. `dockhand logs` (`cli/logs.rs`) reads the store.
+//! Files: `stage.rs` (where a started container's log is: CreateContainer's record in
+//! `lifecycle.rs`, else containerd), `staging.rs` (hard links), `store.rs` (zstd frames +
+//! `meta.json`), `worker.rs` (the queue and retention, on its own thread), `reconcile.rs`
+//! (staging against containerd), `retention.rs` (what to drop), `restore.rs` (what kubelet sees),
+//! `handlers.rs` (the CRI handlers), `meta.rs` (what is kept about a container), `metrics.rs`.
+//! The `Archive` itself (this file) is the state they share; only this file has `impl Archive`.
+//! `dockhand logs` (`cli/logs.rs`) reads the store.
 
 mod handlers;
 mod meta;
@@ -31,6 +34,7 @@ mod metrics;
 mod reconcile;
 pub mod restore;
 pub mod retention;
+mod stage;
 pub mod staging;
 pub mod store;
 mod worker;
@@ -41,13 +45,10 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use dockhand_protos::cri::{
-    self, ContainerStatusRequest, ContainerStatusResponse, PodSandboxStatusRequest,
-    PodSandboxStatusResponse,
-};
 use prometheus_client::registry::Registry;
 
 use crate::config::ArchiveConfig;
+use crate::lifecycle::Lifecycle;
 use crate::upstream::Upstream;
 
 use dockhand_host::id::IdError;
@@ -55,8 +56,6 @@ use dockhand_host::ContainerId;
 pub use handlers::{
     ContainerStatus, RemoveContainer, RemovePodSandbox, ReopenContainerLog, StartContainer,
 };
-use meta::info_field;
-pub use meta::meta_from_status;
 use metrics::Metrics;
 use restore::RestoreError;
 use staging::{LogLocation, Staging, StagingError};
@@ -163,10 +162,10 @@ pub struct Archive {
     /// Bumped after every job, for ContainerStatus waiting on a finalization.
     progress: tokio::sync::watch::Sender<u64>,
     metrics: Metrics,
-    #[cfg(feature = "test-hooks")]
-    pause_at: Option<String>,
     /// Where the shim writes cgroup placement records (kept in the metadata).
     cgroup_records: PathBuf,
+    /// What CreateContainer said about containers not started yet.
+    lifecycle: Arc<Lifecycle>,
 }
 
 impl Archive {
@@ -178,6 +177,7 @@ impl Archive {
         config: &ArchiveConfig,
         cgroup_records: &Path,
         upstream: Upstream,
+        lifecycle: Arc<Lifecycle>,
         registry: &mut Registry,
     ) -> Result<Arc<Archive>, ArchiveError> {
         let staging = Staging::new(&config.staging_dir, &config.pod_logs_dir);
@@ -200,9 +200,8 @@ impl Archive {
             jobs: Mutex::new(sender),
             progress: tokio::sync::watch::channel(0).0,
             metrics: Metrics::register(registry),
-            #[cfg(feature = "test-hooks")]
-            pause_at: std::env::var(PAUSE_ENV).ok().filter(|s| !s.is_empty()),
             cgroup_records: cgroup_records.to_path_buf(),
+            lifecycle,
         });
         archive.update_gauges();
         // Copies a previous run left: of containers no longer archived, half-written, or
@@ -214,13 +213,10 @@ impl Archive {
             &archive.complete_ids(),
         );
         let weak = Arc::downgrade(&archive);
-        std::thread::Builder::new()
-            .name("dockhand-archive".into())
-            .spawn(move || worker::worker(weak, receiver))
-            .map_err(|source| StoreError::Root {
-                path: config.dir.clone(),
-                source,
-            })?;
+        worker::spawn(weak, receiver).map_err(|source| StoreError::Root {
+            path: config.dir.clone(),
+            source,
+        })?;
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
                 let weak = Arc::downgrade(&archive);
@@ -302,6 +298,15 @@ impl Archive {
         }
     }
 
+    /// The archive's gauges, from its state.
+    pub(super) fn update_gauges(&self) {
+        let state = self.state();
+        let bytes: u64 = state.archived.values().map(worker::disk_bytes).sum();
+        self.metrics.bytes.set(bytes as i64);
+        self.metrics.containers.set(state.archived.len() as i64);
+        self.metrics.staged.set(state.staged.len() as i64);
+    }
+
     /// dockhand saw containerd remove a staged container: its finalization is queued.
     fn removed(&self, id: ContainerId, meta: ContainerMeta) {
         if !self.state().pending.insert(id.clone()) {
@@ -311,176 +316,6 @@ impl Archive {
             id,
             meta: Some(Box::new(meta)),
         });
-    }
-
-    // ---- staging ------------------------------------------------------------------------
-
-    /// Asks containerd where the container's log is and stages it.
-    async fn stage(&self, id: &str, report_missing: bool) -> Result<(), ArchiveError> {
-        let id = ContainerId::parse(id)?;
-        if self.state().refused.contains(&id) {
-            return Ok(());
-        }
-        let (status, info) = self.container_meta(&id).await?;
-        if status.log_path.is_empty() {
-            tracing::debug!(container_id = %id, "container has no log file");
-            return Ok(());
-        }
-        let sandbox_id = info_field(&info, &["sandboxID"]).ok_or_else(|| ArchiveError::Info {
-            what: "container",
-            id: id.to_string(),
-            field: "sandboxID",
-        })?;
-        let log_directory = self.sandbox_log_directory(&sandbox_id).await?;
-        let location = match staging::locate(
-            &id,
-            self.staging.pod_logs(),
-            &log_directory,
-            &status.log_path,
-        ) {
-            Ok(location) => location,
-            Err(e) => {
-                self.state().refused.insert(id);
-                return Err(e.into());
-            }
-        };
-        let at_least = self
-            .state()
-            .archived
-            .get(&id)
-            .and_then(|e| e.generations.iter().max().map(|g| g + 1))
-            .unwrap_or(1);
-        // Every filesystem step (the shim's record, the link, listing what is staged, cleaning
-        // up) on the blocking pool, in one task: never on the runtime's thread.
-        let staging = self.staging.clone();
-        let records = self.cgroup_records.clone();
-        let mut meta = meta_from_status(&id, &status);
-        let (meta, linked, generations) = {
-            let location = location.clone();
-            tokio::task::spawn_blocking(move || {
-                meta.cgroup = cgroup_record(&records, &meta.id);
-                let linked = staging
-                    .write_record(&meta)
-                    .and_then(|()| staging.link(&meta.id, &location, at_least));
-                let generations = staging.generations(&meta.id).unwrap_or_default();
-                if linked.is_err() && generations.is_empty() {
-                    let _ = staging.remove(&meta.id);
-                }
-                (meta, linked, generations)
-            })
-            .await?
-        };
-        let result = match linked {
-            Ok(linked) => {
-                tracing::info!(container_id = %id, log_path = %status.log_path, ?linked, "log staged");
-                Ok(())
-            }
-            // The live file is gone but earlier generations are staged: keep those.
-            Err(e) if !report_missing && !generations.is_empty() => {
-                tracing::debug!(container_id = %id, error = %e, "live log gone; keeping staged generations");
-                Ok(())
-            }
-            Err(e) => {
-                if matches!(&e, StagingError::Unsafe { .. }) && e.reason() == "unsafe_path" {
-                    self.state().refused.insert(id.clone());
-                }
-                Err(e)
-            }
-        };
-        if !generations.is_empty() {
-            let mut state = self.state();
-            state.staged.insert(
-                id.clone(),
-                Staged {
-                    location: Some(location),
-                    meta,
-                    sandbox: sandbox_id.clone(),
-                },
-            );
-        }
-        self.update_gauges();
-        if generations.len() > 1 {
-            if let Some(&live) = generations.last() {
-                self.queue(Job::Rotated { id, below: live });
-            }
-        }
-        result.map_err(ArchiveError::from)
-    }
-
-    /// containerd's verbose ContainerStatus: the status and its `info` JSON.
-    async fn container_meta(
-        &self,
-        id: &ContainerId,
-    ) -> Result<(cri::ContainerStatus, serde_json::Value), ArchiveError> {
-        let response: ContainerStatusResponse = self
-            .upstream
-            .call(
-                CONTAINER_STATUS,
-                &ContainerStatusRequest {
-                    container_id: id.to_string(),
-                    verbose: true,
-                },
-            )
-            .await
-            .map_err(|status| ArchiveError::Upstream {
-                what: "container",
-                id: id.to_string(),
-                status: Box::new(status),
-            })?;
-        let info = response
-            .info
-            .get("info")
-            .and_then(|text| serde_json::from_str(text).ok())
-            .unwrap_or(serde_json::Value::Null);
-        let status = response.status.ok_or_else(|| ArchiveError::Info {
-            what: "container",
-            id: id.to_string(),
-            field: "status",
-        })?;
-        Ok((status, info))
-    }
-
-    /// The sandbox's `log_directory`, from containerd's verbose PodSandboxStatus.
-    async fn sandbox_log_directory(&self, sandbox_id: &str) -> Result<String, ArchiveError> {
-        let response: PodSandboxStatusResponse = self
-            .upstream
-            .call(
-                POD_SANDBOX_STATUS,
-                &PodSandboxStatusRequest {
-                    pod_sandbox_id: sandbox_id.to_string(),
-                    verbose: true,
-                },
-            )
-            .await
-            .map_err(|status| ArchiveError::Upstream {
-                what: "sandbox",
-                id: sandbox_id.to_string(),
-                status: Box::new(status),
-            })?;
-        let info: serde_json::Value = response
-            .info
-            .get("info")
-            .and_then(|text| serde_json::from_str(text).ok())
-            .unwrap_or(serde_json::Value::Null);
-        info_field(&info, &["config", "log_directory"])
-            .or_else(|| info_field(&info, &["config", "logDirectory"]))
-            .ok_or_else(|| ArchiveError::Info {
-                what: "sandbox",
-                id: sandbox_id.to_string(),
-                field: "config.log_directory",
-            })
-    }
-}
-
-/// The shim's cgroup record for `id` in `records`, when the shim runs and wrote one (reads a file:
-/// call it on the blocking pool).
-fn cgroup_record(records: &Path, id: &ContainerId) -> Option<dockhand_host::record::Record> {
-    match dockhand_host::record::read(records, id.as_str()) {
-        Ok(record) => record,
-        Err(e) => {
-            tracing::debug!(container_id = %id, error = %e, "no cgroup record");
-            None
-        }
     }
 }
 

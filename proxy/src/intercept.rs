@@ -12,6 +12,7 @@ use prometheus_client::registry::Registry;
 use crate::archive::{self, Archive, ArchiveError};
 use crate::config::Config;
 use crate::grpc::{Forward, Interceptor};
+use crate::lifecycle::{CreateContainer, Lifecycle};
 use crate::placement::WithRecord;
 use crate::propagation::Propagation;
 use crate::upstream::Upstream;
@@ -39,19 +40,23 @@ impl Table {
     ) -> Result<Table, ArchiveError> {
         let mut routes: Vec<(&'static str, Arc<dyn Interceptor>)> = Vec::new();
         // Docker-parity mount propagation (propagation.rs).
-        routes.push((
-            CREATE_CONTAINER,
-            Arc::new(Propagation::new(config.propagation.clone(), registry)),
-        ));
-        // The container log archive (archive.rs): stage at start and at rotation, finalize at
-        // removal (of the container or of its pod), answer for archived containers.
+        let propagation = Arc::new(Propagation::new(config.propagation.clone(), registry));
+        // The container log archive (archive.rs): record at creation (lifecycle.rs), stage at
+        // start and at rotation, finalize at removal (of the container or of its pod), answer
+        // for archived containers.
         let status: Arc<dyn Interceptor> = if config.archive.enabled {
+            let lifecycle = Arc::new(Lifecycle::default());
             let archive = Archive::open(
                 &config.archive,
                 &config.cgroup_records,
                 upstream.clone(),
+                lifecycle.clone(),
                 registry,
             )?;
+            routes.push((
+                CREATE_CONTAINER,
+                Arc::new(CreateContainer::new(propagation, lifecycle)),
+            ));
             routes.push((
                 START_CONTAINER,
                 Arc::new(archive::StartContainer(archive.clone())),
@@ -70,6 +75,7 @@ impl Table {
             ));
             Arc::new(archive::ContainerStatus(archive))
         } else {
+            routes.push((CREATE_CONTAINER, propagation));
             Arc::new(Forward)
         };
         // Verbose answers get the shim's cgroup record (placement.rs), archived ones included.
@@ -89,6 +95,7 @@ impl Table {
     }
 
     /// The intercepted paths, in the table's order.
+    #[cfg(test)]
     pub fn paths(&self) -> impl Iterator<Item = &'static str> + '_ {
         self.routes.iter().map(|(path, _)| *path)
     }

@@ -10,6 +10,7 @@
 //! - `server`: the socket, the HTTP/2 server, routing and graceful shutdown.
 //! - `upstream`: the connection to containerd.
 //! - `intercept`: the one table of intercepted methods and their handlers.
+//! - `lifecycle`: what CreateContainer said about a container, for the archive at its start.
 //! - `metrics`: the Prometheus registry, per-call metrics and the `/metrics` endpoint.
 //! - `propagation`: Docker-parity mount propagation (CreateContainer).
 //! - `placement`: the shim's cgroup record in verbose ContainerStatus.
@@ -17,13 +18,23 @@
 //! - `cli`: the command line's subcommands (`audit`, `cgroups`, `check`, `logs`).
 #![forbid(unsafe_code)]
 
-pub mod archive;
+mod archive;
 pub mod cli;
 pub mod config;
-pub mod grpc;
-pub mod intercept;
+mod grpc;
+mod intercept;
+mod lifecycle;
 pub mod metrics;
-pub mod placement;
-pub mod propagation;
+mod placement;
+mod propagation;
 pub mod server;
-pub mod upstream;
+mod upstream;
+
+/// What the integration tests and benchmarks reach inside the proxy, only in builds with the
+/// `test-hooks` feature (never `make install`'s).
+#[cfg(feature = "test-hooks")]
+pub mod testing {
+    pub use crate::archive::store::{Appended, ContainerMeta, Store};
+    pub use crate::archive::PAUSE_ENV;
+    pub use crate::propagation::{decide, edits, Rule};
+}

@@ -410,19 +410,28 @@ impl Propagation {
             .inc_by(n as u64);
     }
 
-    async fn create_container(&self, call: UnaryCall) -> Reply {
-        if self.config.mode == PropagationMode::Off {
-            return call.forward_unchanged().await;
-        }
-        let request: CreateContainerRequest = match call.decode() {
-            Ok(request) => request,
-            Err(e) => {
-                tracing::debug!(error = %e, "CreateContainer does not decode; forwarding as is");
-                return call.forward_unchanged().await;
+    /// Decides for `call` (`request` is its decoded copy, None when it does not decode) and
+    /// forwards it, edited or as it came.
+    pub async fn forward(
+        &self,
+        call: &UnaryCall,
+        request: Option<&CreateContainerRequest>,
+    ) -> Forwarded {
+        let as_it_came = || async {
+            Forwarded {
+                reply: call.forward_unchanged().await,
+                decision: None,
             }
         };
+        if self.config.mode == PropagationMode::Off {
+            return as_it_came().await;
+        }
+        let Some(request) = request else {
+            tracing::debug!("CreateContainer does not decode; forwarding as is");
+            return as_it_came().await;
+        };
         let Some(config) = request.config.as_ref() else {
-            return call.forward_unchanged().await;
+            return as_it_came().await;
         };
         let pod = request
             .sandbox_config
@@ -433,7 +442,7 @@ impl Propagation {
         let container = config
             .metadata
             .as_ref()
-            .map(|m| m.name.clone())
+            .map(|m| m.name.as_str())
             .unwrap_or_default();
         let span = tracing::info_span!("create_container", pod = %pod, container = %container);
         self.decide_and_forward(call, request)
@@ -441,8 +450,22 @@ impl Propagation {
             .await
     }
 
-    async fn decide_and_forward(&self, call: UnaryCall, request: CreateContainerRequest) -> Reply {
-        let mounts = request.config.map(|c| c.mounts).unwrap_or_default();
+    async fn decide_and_forward(
+        &self,
+        call: &UnaryCall,
+        request: &CreateContainerRequest,
+    ) -> Forwarded {
+        let unchanged = || async {
+            Forwarded {
+                reply: call.forward_unchanged().await,
+                decision: None,
+            }
+        };
+        let mounts = request
+            .config
+            .as_ref()
+            .map(|c| c.mounts.clone())
+            .unwrap_or_default();
         // The opt-out is read before any host path is touched: a pod may opt out precisely
         // because one of its host paths lives on a filesystem that hangs.
         let opted_out = request
@@ -459,7 +482,7 @@ impl Propagation {
                 );
                 self.count("opted_out", candidates);
             }
-            return call.forward_unchanged().await;
+            return unchanged().await;
         }
         // A decision stuck on a hung filesystem cannot be cancelled (it is a blocking system
         // call); it holds its permit until it returns, so a hang costs at most
@@ -467,7 +490,7 @@ impl Propagation {
         let Ok(permit) = self.deciding.clone().try_acquire_owned() else {
             tracing::warn!("earlier decisions are still stuck on host paths; forwarding unchanged");
             self.count("timeout", 1);
-            return call.forward_unchanged().await;
+            return unchanged().await;
         };
         let decider = self.decider.clone();
         let decided = tokio::task::spawn_blocking(move || {
@@ -480,7 +503,7 @@ impl Propagation {
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "deciding failed; forwarding unchanged");
                 self.count("error", 1);
-                return call.forward_unchanged().await;
+                return unchanged().await;
             }
             Err(_) => {
                 tracing::warn!(
@@ -488,11 +511,11 @@ impl Propagation {
                     "host paths did not answer in time (a hung filesystem?); forwarding unchanged"
                 );
                 self.count("timeout", 1);
-                return call.forward_unchanged().await;
+                return unchanged().await;
             }
         };
         if decisions.is_empty() {
-            return call.forward_unchanged().await;
+            return unchanged().await;
         }
         for d in &decisions {
             match &d.decision {
@@ -509,7 +532,7 @@ impl Propagation {
         }
         if self.config.mode == PropagationMode::DryRun {
             self.count("dry_run", decisions.len());
-            return call.forward_unchanged().await;
+            return unchanged().await;
         }
         match wire::apply(&call.message, &edits(&decisions)) {
             Ok(edited) => {
@@ -519,20 +542,34 @@ impl Propagation {
                     .count();
                 self.count("rslave", rslave);
                 self.count("private_fallback", decisions.len() - rslave);
-                call.forward(&edited).await
+                Forwarded {
+                    reply: call.forward(&edited).await,
+                    decision: Some(annotation(&decisions)),
+                }
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot edit CreateContainer; forwarding unchanged");
                 self.count("error", decisions.len());
-                call.forward_unchanged().await
+                unchanged().await
             }
         }
     }
 }
 
+/// What CreateContainer forwarded: containerd's reply, and the decision annotation's value when
+/// dockhand edited the request (None when it went as it came).
+pub struct Forwarded {
+    pub reply: Reply,
+    pub decision: Option<String>,
+}
+
+/// CreateContainer with the archive off: propagation alone.
 impl Interceptor for Propagation {
     fn handle(&self, call: UnaryCall) -> BoxFuture<'_, Reply> {
-        Box::pin(self.create_container(call))
+        Box::pin(async move {
+            let request = call.decode::<CreateContainerRequest>().ok();
+            self.forward(&call, request.as_ref()).await.reply
+        })
     }
 }
 

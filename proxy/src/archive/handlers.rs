@@ -16,7 +16,7 @@ use tracing::Instrument;
 use super::meta::meta_from_status;
 use super::staging::Linked;
 use super::store::ContainerMeta;
-use super::{restore, Archive, Job, FINALIZE_WAIT};
+use super::{restore, stage, Archive, Job, FINALIZE_WAIT};
 use crate::grpc::{Interceptor, Reply, UnaryCall};
 
 /// StartContainer: stage the log file.
@@ -74,7 +74,7 @@ async fn start_container(archive: &Archive, call: UnaryCall) -> Reply {
         return reply;
     };
     let span = tracing::info_span!("archive_stage", container_id = %id);
-    if let Err(e) = archive.stage(&id, true).instrument(span).await {
+    if let Err(e) = stage::stage(archive, &id, true).instrument(span).await {
         tracing::warn!(container_id = %id, error = %e, "container log will not be archived");
         archive.metrics.lost(e.reason());
     }
@@ -134,6 +134,8 @@ async fn remove_container(archive: &Archive, call: UnaryCall) -> Reply {
     let Some(id) = id else {
         return call.forward_unchanged().await;
     };
+    // Removed before it started (or its start failed): CreateContainer's record is not needed.
+    archive.lifecycle.forget(&id);
     let staged = archive.state().staged.get(&id).map(|s| s.meta.clone());
     let Some(meta) = staged else {
         let reply = call.forward_unchanged().await;
@@ -159,7 +161,7 @@ async fn ended(archive: &Archive, id: &ContainerId, meta: ContainerMeta) -> Cont
     if meta.exit_code.is_some() {
         return meta;
     }
-    match archive.container_meta(id).await {
+    match stage::container_status(archive, id).await {
         Ok((status, _)) => meta.updated_with(&meta_from_status(id, &status)),
         Err(_) => meta,
     }
@@ -178,6 +180,7 @@ async fn remove_pod_sandbox(archive: &Archive, call: UnaryCall) -> Reply {
     let Some(pod) = pod else {
         return call.forward_unchanged().await;
     };
+    archive.lifecycle.forget_pod(&pod);
     // containerd also takes a unique prefix of a sandbox id: the staged containers of every
     // sandbox the given id could name are candidates, and only those of a sandbox with exactly
     // that id count as removed by an OK answer; for the others containerd is asked.
@@ -204,7 +207,7 @@ async fn remove_pod_sandbox(archive: &Archive, call: UnaryCall) -> Reply {
     for (id, meta, exact) in ended_members {
         let gone = (pod_gone && exact)
             || matches!(
-                archive.container_meta(&id).await,
+                stage::container_status(archive, &id).await,
                 Err(super::ArchiveError::Upstream { ref status, .. }) if status.code() == Code::NotFound
             );
         if gone {

@@ -4,6 +4,7 @@ use dockhand_host::ContainerId;
 use dockhand_protos::cri::{ContainerState, ContainerStatus};
 
 use super::store::ContainerMeta;
+use crate::lifecycle::{now_nanos, Created};
 
 /// A non-empty string at `path` in containerd's verbose `info` JSON.
 pub(super) fn info_field(info: &serde_json::Value, path: &[&str]) -> Option<String> {
@@ -45,6 +46,36 @@ pub fn meta_from_status(id: &ContainerId, status: &ContainerStatus) -> Container
         labels: status.labels.clone().into_iter().collect(),
         annotations: status.annotations.clone().into_iter().collect(),
         log_path: status.log_path.clone(),
+        cgroup: None,
+    }
+}
+
+/// The archive's record of a container just started, from what CreateContainer said about it
+/// (`lifecycle.rs`). containerd's own times and image digest come with the status kubelet asks
+/// for before the removal (`ContainerMeta::updated_with`); until then the times are when
+/// dockhand saw containerd answer.
+pub fn meta_from_created(id: &ContainerId, created: &Created) -> ContainerMeta {
+    let label = |key: &str| created.labels.get(key).cloned().unwrap_or_default();
+    ContainerMeta {
+        id: id.clone(),
+        namespace: label("io.kubernetes.pod.namespace"),
+        pod: label("io.kubernetes.pod.name"),
+        pod_uid: label("io.kubernetes.pod.uid"),
+        container: Some(created.name.clone())
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| label("io.kubernetes.container.name")),
+        attempt: created.attempt,
+        image: created.image.clone(),
+        image_ref: String::new(),
+        exit_code: None,
+        reason: String::new(),
+        message: String::new(),
+        created_at: created.created_at,
+        started_at: now_nanos(),
+        finished_at: 0,
+        labels: created.labels.clone().into_iter().collect(),
+        annotations: created.annotations.clone().into_iter().collect(),
+        log_path: created.log_path.clone(),
         cgroup: None,
     }
 }

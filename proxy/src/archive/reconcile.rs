@@ -8,85 +8,82 @@ use std::sync::Weak;
 use dockhand_protos::cri::{ListContainersRequest, ListContainersResponse};
 use tonic::Code;
 
+use super::stage;
 use super::staging::StagingError;
 use super::{Archive, ArchiveError, Job, LIST_CONTAINERS, RECONCILE_INTERVAL};
 use dockhand_host::ContainerId;
 
-impl Archive {
-    // ---- reconciliation -----------------------------------------------------------------
-
-    /// Staging against containerd: a staged container containerd no longer knows is finalized;
-    /// a container containerd has that is not staged (started while dockhand was down) is.
-    pub(super) async fn reconcile(&self) {
-        // Listing and cleaning staging reads the filesystem: on the blocking pool.
-        let staging = self.staging.clone();
-        let listed = tokio::task::spawn_blocking(move || {
-            let ids = staging.ids()?;
-            for id in &ids {
-                staging.remove_leftovers(id);
-            }
-            Ok::<_, StagingError>(ids)
-        })
-        .await;
-        let staged = match listed {
-            Ok(Ok(ids)) => ids,
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "cannot read staging");
-                Vec::new()
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "staging task failed");
-                Vec::new()
-            }
-        };
-        for id in staged {
-            if self.state().pending.contains(&id) {
-                continue;
-            }
-            match self.container_meta(&id).await {
-                Ok(_) => {
-                    if !self.state().staged.contains_key(&id) {
-                        if let Err(e) = self.stage(id.as_str(), false).await {
-                            tracing::debug!(container_id = %id, error = %e, "cannot re-stage");
-                        }
+/// Staging against containerd: a staged container containerd no longer knows is finalized;
+/// a container containerd has that is not staged (started while dockhand was down) is.
+async fn reconcile(archive: &Archive) {
+    // Listing and cleaning staging reads the filesystem: on the blocking pool.
+    let staging = archive.staging.clone();
+    let listed = tokio::task::spawn_blocking(move || {
+        let ids = staging.ids()?;
+        for id in &ids {
+            staging.remove_leftovers(id);
+        }
+        Ok::<_, StagingError>(ids)
+    })
+    .await;
+    let staged = match listed {
+        Ok(Ok(ids)) => ids,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot read staging");
+            Vec::new()
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "staging task failed");
+            Vec::new()
+        }
+    };
+    for id in staged {
+        if archive.state().pending.contains(&id) {
+            continue;
+        }
+        match stage::container_status(archive, &id).await {
+            Ok(_) => {
+                if !archive.state().staged.contains_key(&id) {
+                    if let Err(e) = stage::stage(archive, id.as_str(), false).await {
+                        tracing::debug!(container_id = %id, error = %e, "cannot re-stage");
                     }
                 }
-                Err(ArchiveError::Upstream { status, .. }) if status.code() == Code::NotFound => {
-                    tracing::info!(container_id = %id, "staged container is gone from containerd; archiving");
-                    self.state().pending.insert(id.clone());
-                    self.queue(Job::Finalize { id, meta: None });
-                }
-                Err(e) => {
-                    tracing::warn!(container_id = %id, error = %e, "cannot reconcile a staged container")
-                }
+            }
+            Err(ArchiveError::Upstream { status, .. }) if status.code() == Code::NotFound => {
+                tracing::info!(container_id = %id, "staged container is gone from containerd; archiving");
+                archive.state().pending.insert(id.clone());
+                archive.queue(Job::Finalize { id, meta: None });
+            }
+            Err(e) => {
+                tracing::warn!(container_id = %id, error = %e, "cannot reconcile a staged container")
             }
         }
-        let listed: Result<ListContainersResponse, _> = self
-            .upstream
-            .call(LIST_CONTAINERS, &ListContainersRequest { filter: None })
-            .await;
-        let containers = match listed {
-            Ok(response) => response.containers,
-            Err(status) => {
-                tracing::warn!(error = %status, "cannot list containers to reconcile staging");
-                return;
-            }
+    }
+    let listed: Result<ListContainersResponse, _> = archive
+        .upstream
+        .call(LIST_CONTAINERS, &ListContainersRequest { filter: None })
+        .await;
+    let containers = match listed {
+        Ok(response) => response.containers,
+        Err(status) => {
+            tracing::warn!(error = %status, "cannot list containers to reconcile staging");
+            return;
+        }
+    };
+    for container in containers {
+        let Ok(id) = ContainerId::parse(&container.id) else {
+            continue;
         };
-        for container in containers {
-            let Ok(id) = ContainerId::parse(&container.id) else {
-                continue;
-            };
-            let known = {
-                let state = self.state();
-                state.staged.contains_key(&id)
-                    || state.pending.contains(&id)
-                    || state.refused.contains(&id)
-                    || state.archived.get(&id).is_some_and(|e| e.complete)
-            };
-            if !known {
-                if let Err(e) = self.stage(id.as_str(), false).await {
-                    tracing::debug!(container_id = %id, error = %e, "not staged");
-                }
+        let known = {
+            let state = archive.state();
+            state.staged.contains_key(&id)
+                || state.pending.contains(&id)
+                || state.refused.contains(&id)
+                || state.archived.get(&id).is_some_and(|e| e.complete)
+        };
+        if !known {
+            if let Err(e) = stage::stage(archive, id.as_str(), false).await {
+                tracing::debug!(container_id = %id, error = %e, "not staged");
             }
         }
     }
@@ -97,7 +94,7 @@ pub(super) async fn reconciler(archive: Weak<Archive>) {
         let Some(strong) = archive.upgrade() else {
             return;
         };
-        strong.reconcile().await;
+        reconcile(&strong).await;
         strong.progress.send_modify(|n| *n += 1);
         drop(strong);
         tokio::time::sleep(RECONCILE_INTERVAL).await;

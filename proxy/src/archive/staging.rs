@@ -91,12 +91,6 @@ pub struct LogLocation {
     path: PathBuf,
 }
 
-impl LogLocation {
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
 /// Checks that `log_path` is a file strictly inside `log_directory`, itself inside `root`, with
 /// only normal components (no `.`, `..`): nothing is resolved, the check is on the text.
 pub fn locate(

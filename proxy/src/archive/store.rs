@@ -362,7 +362,8 @@ impl Store {
 
     /// Compresses `source` as generation `generation` of `meta.id` and commits it. Idempotent:
     /// a generation already committed is not appended again. This is the archive's hot path
-    /// (the benchmark calls it directly).
+    /// (the benchmark calls it directly; the worker uses [`Store::append_generation_within`]).
+    #[cfg(any(test, feature = "test-hooks"))]
     pub fn append_generation(
         &self,
         meta: &ContainerMeta,
@@ -465,6 +466,7 @@ impl Store {
     /// Marks a container's entry complete with its final metadata (creating an empty entry
     /// when none of its generations could be archived); `lost` are generations that could not
     /// be kept.
+    #[cfg(test)]
     pub fn complete(&self, meta: &ContainerMeta) -> Result<Entry, StoreError> {
         self.complete_with_lost(meta, &[])
     }

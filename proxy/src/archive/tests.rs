@@ -674,7 +674,7 @@ async fn the_free_space_floor_drops_archived_containers() {
         ..Default::default()
     };
     let (archive, store, registry) = open_with_one_archived(&config, &t.root);
-    archive.enforce_retention();
+    super::worker::enforce_retention(&archive);
     assert!(!archive.contains(ID));
     assert!(store.list().unwrap().is_empty());
     let mut text = String::new();
@@ -710,6 +710,7 @@ fn open_with_one_archived(
         config,
         std::path::Path::new("/nonexistent/cgroups"),
         upstream,
+        Default::default(),
         &mut registry,
     )
     .unwrap();

@@ -12,14 +12,12 @@ use super::{restore, Archive, ArchiveError, Job, RETENTION_INTERVAL};
 use dockhand_host::fs as nofollow;
 use dockhand_host::ContainerId;
 
-impl Archive {
-    // ---- the worker's jobs --------------------------------------------------------------
-
-    pub(super) fn run(&self, job: Job) {
+impl Worker<'_> {
+    fn run(&self, job: Job) {
         match job {
             Job::Rotated { id, below } => {
                 let meta = self.current_meta(&id);
-                for generation in self.staging.generations(&id).unwrap_or_default() {
+                for generation in self.archive.staging.generations(&id).unwrap_or_default() {
                     if generation < below {
                         if let Err(e) = self.archive_generation(&meta, generation) {
                             tracing::error!(container_id = %id, generation, error = %e, "cannot archive a rotated log; it stays staged");
@@ -36,20 +34,20 @@ impl Archive {
                 if let Err(e) = self.finalize(&meta) {
                     self.finalize_failed(&id, &e);
                 }
-                let mut state = self.state();
+                let mut state = self.archive.state();
                 state.pending.remove(&id);
                 state.staged.remove(&id);
             }
         }
-        self.update_gauges();
+        self.archive.update_gauges();
     }
 
     /// What is known about a staged container: in memory, else its staging record.
-    pub(super) fn current_meta(&self, id: &ContainerId) -> ContainerMeta {
-        if let Some(staged) = self.state().staged.get(id) {
+    fn current_meta(&self, id: &ContainerId) -> ContainerMeta {
+        if let Some(staged) = self.archive.state().staged.get(id) {
             return staged.meta.clone();
         }
-        match self.staging.read_record(id) {
+        match self.archive.staging.read_record(id) {
             Ok(Some(meta)) => meta,
             Ok(None) => ContainerMeta::unknown(id.clone()),
             Err(e) => {
@@ -60,25 +58,26 @@ impl Archive {
     }
 
     /// Compresses one staged generation into the archive, within the room there is for it
-    /// (see [`Archive::make_room`]). A generation that does not fit is lost alone: the partial
+    /// (see [`Worker::make_room`]). A generation that does not fit is lost alone: the partial
     /// write is undone, the loss counted, and the staged link released so the space on the pod
     /// logs' filesystem comes back and nothing retries it.
-    pub(super) fn archive_generation(
+    fn archive_generation(
         &self,
         meta: &ContainerMeta,
         generation: u32,
     ) -> Result<(), ArchiveError> {
         let id = &meta.id;
-        let mut file = self.staging.open_generation(id, generation)?;
+        let mut file = self.archive.staging.open_generation(id, generation)?;
         let staged = file.metadata().map_or(0, |m| m.len());
         self.pause("before_compress");
         let appended = match self.make_room(id, staged) {
             Ok(limit) => self
+                .archive
                 .store
                 .append_generation_within(meta, generation, &mut file, limit),
             Err(room) => Err(store::StoreError::NoSpace {
                 id: id.clone(),
-                path: self.store.root().join(id.as_str()),
+                path: self.archive.store.root().join(id.as_str()),
                 limit: room,
             }),
         };
@@ -95,16 +94,17 @@ impl Archive {
             raw, compressed, ..
         } = &appended
         {
-            self.metrics.input_bytes.inc_by(*raw);
+            self.archive.metrics.input_bytes.inc_by(*raw);
             tracing::info!(container_id = %id, generation, raw_bytes = raw, compressed_bytes = compressed, "log generation archived");
         }
-        self.state()
+        self.archive
+            .state()
             .archived
             .insert(id.clone(), appended.entry().clone());
         // Right away, not after the job: the bound must hold whenever an entry is visible.
         self.enforce_retention();
         self.pause("before_cleanup");
-        self.staging.remove_generation(id, generation)?;
+        self.archive.staging.remove_generation(id, generation)?;
         Ok(())
     }
 
@@ -118,13 +118,14 @@ impl Archive {
     ) {
         let id = &meta.id;
         tracing::warn!(container_id = %id, pod = %format!("{}/{}", meta.namespace, meta.pod), container = %meta.container, generation, staged_bytes = staged, error = %error, "container log generation lost: no room in the archive");
-        self.metrics.lost("no_space");
-        self.state()
+        self.archive.metrics.lost("no_space");
+        self.archive
+            .state()
             .lost
             .entry(id.clone())
             .or_default()
             .push(generation);
-        if let Err(e) = self.staging.remove_generation(id, generation) {
+        if let Err(e) = self.archive.staging.remove_generation(id, generation) {
             tracing::warn!(container_id = %id, generation, error = %e, "cannot release a staged log");
         }
     }
@@ -137,9 +138,9 @@ impl Archive {
     /// own size: then nothing is dropped. Otherwise the oldest other entries are dropped
     /// (`min_free`) until the estimate fits above the floor, and the write may use what is
     /// above the floor (and within `max_bytes`), no more.
-    pub(super) fn make_room(&self, id: &ContainerId, staged: u64) -> Result<u64, u64> {
+    fn make_room(&self, id: &ContainerId, staged: u64) -> Result<u64, u64> {
         let estimate = {
-            let state = self.state();
+            let state = self.archive.state();
             let (raw, compressed) = state
                 .archived
                 .values()
@@ -154,7 +155,7 @@ impl Archive {
         loop {
             let above_floor = self.room_above_floor();
             let (own, others) = {
-                let state = self.state();
+                let state = self.archive.state();
                 let own = state.archived.get(id).map_or(0, disk_bytes);
                 let others: u64 = state
                     .archived
@@ -165,6 +166,7 @@ impl Archive {
                 (own, others)
             };
             let within_max = self
+                .archive
                 .config
                 .max_bytes
                 .saturating_sub(own + COMPLETION_SLACK_BYTES);
@@ -176,6 +178,7 @@ impl Archive {
                 return Ok(above_floor.min(within_max));
             }
             let oldest = self
+                .archive
                 .state()
                 .archived
                 .values()
@@ -196,12 +199,12 @@ impl Archive {
 
     /// Bytes the archive's filesystem has above the free-space floor (unbounded when unknown).
     fn room_above_floor(&self) -> u64 {
-        let space = nofollow::create_dir(&self.config.dir)
+        let space = nofollow::create_dir(&self.archive.config.dir)
             .and_then(|fd| nofollow::space(std::os::fd::AsFd::as_fd(&fd)));
         match space {
             Ok((available, total)) => {
-                let floor =
-                    (total as u128 * u128::from(self.config.min_free_percent)).div_ceil(100);
+                let floor = (total as u128 * u128::from(self.archive.config.min_free_percent))
+                    .div_ceil(100);
                 available.saturating_sub(floor as u64)
             }
             Err(e) => {
@@ -211,40 +214,40 @@ impl Archive {
         }
     }
 
-    pub(super) fn finalize(&self, meta: &ContainerMeta) -> Result<(), ArchiveError> {
+    fn finalize(&self, meta: &ContainerMeta) -> Result<(), ArchiveError> {
         let id = &meta.id;
-        let generations = self.staging.generations(id)?;
-        let had_data = !generations.is_empty() || self.state().archived.contains_key(id);
+        let generations = self.archive.staging.generations(id)?;
+        let had_data = !generations.is_empty() || self.archive.state().archived.contains_key(id);
         for generation in generations {
             self.archive_generation(meta, generation)?;
         }
-        let lost = self.state().lost.remove(id).unwrap_or_default();
-        if had_data && !self.state().archived.contains_key(id) {
+        let lost = self.archive.state().lost.remove(id).unwrap_or_default();
+        if had_data && !self.archive.state().archived.contains_key(id) {
             if lost.is_empty() {
                 tracing::info!(container_id = %id, "container log dropped by retention before completion");
             } else {
                 tracing::warn!(container_id = %id, pod = %format!("{}/{}", meta.namespace, meta.pod), container = %meta.container, exit_code = ?meta.exit_code, "container log not archived: no room for it");
             }
-            self.staging.remove(id)?;
+            self.archive.staging.remove(id)?;
             return Ok(());
         }
-        let entry = match self.store.complete_with_lost(meta, &lost) {
+        let entry = match self.archive.store.complete_with_lost(meta, &lost) {
             Ok(entry) => entry,
             Err(e) if e.is_no_space() => {
                 tracing::warn!(container_id = %id, error = %e, "container log not archived: no room for its metadata");
-                self.metrics.lost("no_space");
-                if let Some(entry) = self.state().archived.remove(id) {
-                    let _ = self.store.remove(&entry.container.id);
+                self.archive.metrics.lost("no_space");
+                if let Some(entry) = self.archive.state().archived.remove(id) {
+                    let _ = self.archive.store.remove(&entry.container.id);
                 }
-                self.staging.remove(id)?;
+                self.archive.staging.remove(id)?;
                 return Ok(());
             }
             Err(e) => return Err(e.into()),
         };
         tracing::info!(container_id = %id, pod = %format!("{}/{}", meta.namespace, meta.pod), container = %meta.container, raw_bytes = entry.raw_bytes, log_bytes = entry.log_bytes, lost_generations = ?entry.lost_generations, "container log archived");
-        self.state().archived.insert(id.clone(), entry);
-        self.state().failures.remove(id);
-        self.staging.remove(id)?;
+        self.archive.state().archived.insert(id.clone(), entry);
+        self.archive.state().failures.remove(id);
+        self.archive.staging.remove(id)?;
         Ok(())
     }
 
@@ -253,7 +256,7 @@ impl Archive {
     /// per run; then it is released and counted as lost.
     fn finalize_failed(&self, id: &ContainerId, error: &ArchiveError) {
         let attempts = {
-            let mut state = self.state();
+            let mut state = self.archive.state();
             let attempts = state.failures.entry(id.clone()).or_insert(0);
             *attempts += 1;
             *attempts
@@ -263,15 +266,15 @@ impl Archive {
             return;
         }
         tracing::error!(container_id = %id, attempts, error = %error, "cannot finalize the archive; giving up and releasing the staged log");
-        self.metrics.lost(error.reason());
-        self.state().failures.remove(id);
-        if let Err(e) = self.staging.remove(id) {
+        self.archive.metrics.lost(error.reason());
+        self.archive.state().failures.remove(id);
+        if let Err(e) = self.archive.staging.remove(id) {
             tracing::warn!(container_id = %id, error = %e, "cannot release a staged log");
         }
     }
 
     /// The `test-hooks` pause point `stage` (nothing in other builds).
-    pub(super) fn pause(&self, stage: &str) {
+    fn pause(&self, stage: &str) {
         #[cfg(feature = "test-hooks")]
         if self.pause_at.as_deref() == Some(stage) {
             tracing::warn!(stage, "archive worker paused by {}", super::PAUSE_ENV);
@@ -286,12 +289,13 @@ impl Archive {
     /// Drops the oldest entries until the archive is within its bounds.
     pub(super) fn enforce_retention(&self) {
         let policy = Policy {
-            max_bytes: self.config.max_bytes,
-            max_age_seconds: self.config.max_age_seconds,
-            min_free_percent: f64::from(self.config.min_free_percent),
+            max_bytes: self.archive.config.max_bytes,
+            max_age_seconds: self.archive.config.max_age_seconds,
+            min_free_percent: f64::from(self.archive.config.min_free_percent),
         };
         loop {
             let candidates: Vec<Candidate> = self
+                .archive
                 .state()
                 .archived
                 .values()
@@ -301,7 +305,7 @@ impl Archive {
                     archived_at: e.archived_at,
                 })
                 .collect();
-            let free = nofollow::open_dir(&self.config.dir)
+            let free = nofollow::open_dir(&self.archive.config.dir)
                 .and_then(|fd| nofollow::free_percent(std::os::fd::AsFd::as_fd(&fd)))
                 .ok();
             let Some((id, reason)) =
@@ -317,18 +321,18 @@ impl Archive {
             }
         }
         restore::bound(
-            &self.config.restored_dir,
-            self.config.restored_max_bytes,
+            &self.archive.config.restored_dir,
+            self.archive.config.restored_max_bytes,
             None,
-            &self.complete_ids(),
+            &self.archive.complete_ids(),
         );
-        self.update_gauges();
+        self.archive.update_gauges();
     }
 
     /// Short of space: restored copies go before any archived container (kubelet gets a new
     /// one on demand). False when there were none.
     fn evict_restored_for_space(&self) -> bool {
-        let root = &self.config.restored_dir;
+        let root = &self.archive.config.restored_dir;
         let removed = restore::bound(root, 0, None, &std::collections::HashSet::new());
         if removed > 0 {
             tracing::info!(dir = %root.display(), removed, "short of space: restored copies removed first");
@@ -337,14 +341,15 @@ impl Archive {
     }
 
     /// Drops one archived container (and its restored copy); false when it cannot.
-    pub(super) fn drop_entry(&self, id: &ContainerId, reason: retention::Reason) -> bool {
-        if let Err(e) = self.store.remove(id) {
+    fn drop_entry(&self, id: &ContainerId, reason: retention::Reason) -> bool {
+        if let Err(e) = self.archive.store.remove(id) {
             tracing::error!(container_id = %id, error = %e, "retention cannot drop an archived container");
             return false;
         }
-        restore::remove(&self.config.restored_dir, id);
-        self.state().archived.remove(id);
-        self.metrics
+        restore::remove(&self.archive.config.restored_dir, id);
+        self.archive.state().archived.remove(id);
+        self.archive
+            .metrics
             .dropped
             .get_or_create(&ReasonLabels {
                 reason: reason.label(),
@@ -353,17 +358,51 @@ impl Archive {
         tracing::info!(container_id = %id, reason = reason.label(), "archived container dropped");
         true
     }
-
-    pub(super) fn update_gauges(&self) {
-        let state = self.state();
-        let bytes: u64 = state.archived.values().map(disk_bytes).sum();
-        self.metrics.bytes.set(bytes as i64);
-        self.metrics.containers.set(state.archived.len() as i64);
-        self.metrics.staged.set(state.staged.len() as i64);
-    }
 }
 
-pub(super) fn worker(archive: Weak<Archive>, jobs: mpsc::Receiver<Job>) {
+/// Starts the worker thread on `jobs`; it ends when the archive is dropped.
+pub(super) fn spawn(archive: Weak<Archive>, jobs: mpsc::Receiver<Job>) -> std::io::Result<()> {
+    #[cfg(feature = "test-hooks")]
+    let pause_at = std::env::var(super::PAUSE_ENV)
+        .ok()
+        .filter(|s| !s.is_empty());
+    std::thread::Builder::new()
+        .name("dockhand-archive".into())
+        .spawn(move || {
+            run_queue(&archive, &jobs, |archive| Worker {
+                archive,
+                #[cfg(feature = "test-hooks")]
+                pause_at: pause_at.clone(),
+            })
+        })
+        .map(drop)
+}
+
+/// The worker's view of the archive: what only the worker thread does (compression, completion,
+/// retention).
+struct Worker<'a> {
+    archive: &'a Archive,
+    /// The `test-hooks` pause point.
+    #[cfg(feature = "test-hooks")]
+    pause_at: Option<String>,
+}
+
+/// Retention, run at once (a test's way to see its effect without the thread).
+#[cfg(test)]
+pub(super) fn enforce_retention(archive: &Archive) {
+    Worker {
+        archive,
+        #[cfg(feature = "test-hooks")]
+        pause_at: None,
+    }
+    .enforce_retention();
+}
+
+fn run_queue(
+    archive: &Weak<Archive>,
+    jobs: &mpsc::Receiver<Job>,
+    worker: impl Fn(&Archive) -> Worker<'_>,
+) {
     loop {
         let job = match jobs.recv_timeout(RETENTION_INTERVAL) {
             Ok(job) => Some(job),
@@ -373,10 +412,11 @@ pub(super) fn worker(archive: Weak<Archive>, jobs: mpsc::Receiver<Job>) {
         let Some(archive) = archive.upgrade() else {
             return;
         };
+        let worker = worker(&archive);
         if let Some(job) = job {
-            archive.run(job);
+            worker.run(job);
         }
-        archive.enforce_retention();
+        worker.enforce_retention();
         archive.progress.send_modify(|n| *n += 1);
     }
 }
@@ -393,7 +433,7 @@ const MAX_FINALIZE_ATTEMPTS: u32 = 3;
 const COMPLETION_SLACK_BYTES: u64 = 512;
 
 /// Size on disk of one entry: its compressed log and its metadata (as it will be once complete).
-fn disk_bytes(entry: &Entry) -> u64 {
+pub(super) fn disk_bytes(entry: &Entry) -> u64 {
     let meta = serde_json::to_vec_pretty(entry).map_or(0, |v| v.len() as u64);
     let slack = if entry.complete {
         0

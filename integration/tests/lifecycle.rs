@@ -1,0 +1,277 @@
+//! The archive finds a started container's log from what CreateContainer said (the lifecycle
+//! record), and from containerd only for a container created before dockhand: in process, in
+//! front of a fake containerd that counts what it is asked.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use dockhand_integration::fake::{Answer, FakeUpstream, InProcessProxy};
+use dockhand_integration::proxy::archive_toml;
+use dockhand_protos::codec::RawCodec;
+use dockhand_protos::cri::{
+    ContainerConfig, ContainerMetadata, ContainerState, ContainerStatus, ContainerStatusRequest,
+    ContainerStatusResponse, CreateContainerRequest, CreateContainerResponse, ImageSpec,
+    PodSandboxConfig, PodSandboxMetadata, PodSandboxStatusResponse, RemoveContainerRequest,
+    StartContainerRequest,
+};
+use hyper_util::rt::TokioIo;
+use prost::Message;
+use tokio::net::UnixStream;
+use tonic::transport::{Endpoint, Uri};
+
+const CREATE: &str = "/runtime.v1.RuntimeService/CreateContainer";
+const START: &str = "/runtime.v1.RuntimeService/StartContainer";
+const REMOVE: &str = "/runtime.v1.RuntimeService/RemoveContainer";
+const STATUS: &str = "/runtime.v1.RuntimeService/ContainerStatus";
+const SANDBOX_STATUS: &str = "/runtime.v1.RuntimeService/PodSandboxStatus";
+
+const ID: &str = "1c0ffee000000000000000000000000000000000000000000000000000000001";
+const SANDBOX: &str = "5a0dbox000000000000000000000000000000000000000000000000000000001";
+const LINE: &str = "2026-12-02T10:00:00.000000000Z stdout F hello from app\n";
+
+async fn unary(
+    socket: &Path,
+    path: &'static str,
+    message: Vec<u8>,
+) -> Result<Bytes, tonic::Status> {
+    let path_buf = socket.to_path_buf();
+    let channel = Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path_buf.clone();
+            async move { UnixStream::connect(path).await.map(TokioIo::new) }
+        }))
+        .await
+        .expect("connect");
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.expect("ready");
+    grpc.unary(
+        tonic::Request::new(Bytes::from(message)),
+        http::uri::PathAndQuery::from_static(path),
+        RawCodec,
+    )
+    .await
+    .map(tonic::Response::into_inner)
+}
+
+/// A pod log directory under `pods` with the container's live log written, as containerd and
+/// kubelet leave it at StartContainer.
+fn pod_logs(pods: &Path) -> (String, String) {
+    let directory = pods.join("team_web-1_uid-1");
+    std::fs::create_dir_all(directory.join("app")).unwrap();
+    std::fs::write(directory.join("app/0.log"), LINE).unwrap();
+    let log_path = directory.join("app/0.log");
+    (
+        directory.to_string_lossy().into_owned(),
+        log_path.to_string_lossy().into_owned(),
+    )
+}
+
+fn labels() -> std::collections::HashMap<String, String> {
+    [
+        ("io.kubernetes.pod.namespace", "team"),
+        ("io.kubernetes.pod.name", "web-1"),
+        ("io.kubernetes.pod.uid", "uid-1"),
+        ("io.kubernetes.container.name", "app"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+/// A fake containerd: it created `ID`, starts and removes it, and knows it (verbose, with the
+/// `info` JSON containerd gives) until it is removed.
+async fn containerd(log_directory: String, log_path: String) -> FakeUpstream {
+    let removed = Arc::new(AtomicBool::new(false));
+    FakeUpstream::start(move |path, _| match path {
+        CREATE => Answer::Message(
+            CreateContainerResponse {
+                container_id: ID.into(),
+            }
+            .encode_to_vec()
+            .into(),
+        ),
+        START => Answer::Message(Bytes::new()),
+        REMOVE => {
+            removed.store(true, Ordering::SeqCst);
+            Answer::Message(Bytes::new())
+        }
+        STATUS if removed.load(Ordering::SeqCst) => {
+            Answer::Status(tonic::Code::NotFound, format!("container {ID} not found"))
+        }
+        STATUS => Answer::Message(
+            ContainerStatusResponse {
+                status: Some(ContainerStatus {
+                    id: ID.into(),
+                    metadata: Some(ContainerMetadata {
+                        name: "app".into(),
+                        attempt: 0,
+                    }),
+                    state: ContainerState::ContainerRunning as i32,
+                    log_path: log_path.clone(),
+                    labels: labels(),
+                    ..ContainerStatus::default()
+                }),
+                info: [(
+                    "info".to_string(),
+                    format!(r#"{{"sandboxID":"{SANDBOX}"}}"#),
+                )]
+                .into(),
+            }
+            .encode_to_vec()
+            .into(),
+        ),
+        SANDBOX_STATUS => Answer::Message(
+            PodSandboxStatusResponse {
+                status: None,
+                info: [(
+                    "info".to_string(),
+                    format!(r#"{{"config":{{"log_directory":"{log_directory}"}}}}"#),
+                )]
+                .into(),
+                ..PodSandboxStatusResponse::default()
+            }
+            .encode_to_vec()
+            .into(),
+        ),
+        _ => Answer::Status(tonic::Code::Unimplemented, "not in this fake".into()),
+    })
+    .await
+}
+
+fn create_request(log_directory: &str) -> Vec<u8> {
+    CreateContainerRequest {
+        pod_sandbox_id: SANDBOX.into(),
+        config: Some(ContainerConfig {
+            metadata: Some(ContainerMetadata {
+                name: "app".into(),
+                attempt: 0,
+            }),
+            image: Some(ImageSpec {
+                image: "registry.example/app:1".into(),
+                ..ImageSpec::default()
+            }),
+            log_path: "app/0.log".into(),
+            labels: labels(),
+            ..ContainerConfig::default()
+        }),
+        sandbox_config: Some(PodSandboxConfig {
+            metadata: Some(PodSandboxMetadata {
+                name: "web-1".into(),
+                uid: "uid-1".into(),
+                namespace: "team".into(),
+                attempt: 0,
+            }),
+            log_directory: log_directory.into(),
+            ..PodSandboxConfig::default()
+        }),
+    }
+    .encode_to_vec()
+}
+
+/// kubelet's garbage collection: the log files go, then RemoveContainer; then `kubectl logs`
+/// asks ContainerStatus for the log path and reads it.
+async fn removed_then_read(proxy: &InProcessProxy, log_path: &str) -> ContainerStatus {
+    std::fs::remove_file(log_path).unwrap();
+    let remove = RemoveContainerRequest {
+        container_id: ID.into(),
+    };
+    unary(proxy.socket(), REMOVE, remove.encode_to_vec())
+        .await
+        .expect("remove");
+    let status = ContainerStatusRequest {
+        container_id: ID.into(),
+        verbose: false,
+    };
+    let answer = unary(proxy.socket(), STATUS, status.encode_to_vec())
+        .await
+        .expect("an archived container's status");
+    ContainerStatusResponse::decode(answer)
+        .unwrap()
+        .status
+        .expect("a status")
+}
+
+fn start_request() -> Vec<u8> {
+    StartContainerRequest {
+        container_id: ID.into(),
+    }
+    .encode_to_vec()
+}
+
+#[tokio::test]
+async fn a_container_created_through_dockhand_is_staged_without_asking_containerd() {
+    let dir = tempfile::tempdir().unwrap();
+    let pods = dir.path().join("pods");
+    let (log_directory, log_path) = pod_logs(&pods);
+    let fake = containerd(log_directory.clone(), log_path.clone()).await;
+    let proxy = InProcessProxy::start(
+        fake.socket(),
+        &archive_toml(&dir.path().join("archive"), &pods),
+    )
+    .await;
+
+    unary(proxy.socket(), CREATE, create_request(&log_directory))
+        .await
+        .expect("create");
+    unary(proxy.socket(), START, start_request())
+        .await
+        .expect("start");
+    // CreateContainer said where the log is: containerd was not asked again.
+    assert!(
+        fake.seen_for(STATUS).is_empty(),
+        "ContainerStatus was asked"
+    );
+    assert!(
+        fake.seen_for(SANDBOX_STATUS).is_empty(),
+        "PodSandboxStatus was asked"
+    );
+
+    let status = removed_then_read(&proxy, &log_path).await;
+    assert_eq!(status.state, ContainerState::ContainerExited as i32);
+    assert_eq!(status.metadata.unwrap().name, "app");
+    assert_eq!(status.labels["io.kubernetes.pod.name"], "web-1");
+    assert_ne!(
+        status.log_path, log_path,
+        "a restored copy, not kubelet's file"
+    );
+    assert_eq!(std::fs::read_to_string(&status.log_path).unwrap(), LINE);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_container_created_before_dockhand_is_looked_up_in_containerd() {
+    let dir = tempfile::tempdir().unwrap();
+    let pods = dir.path().join("pods");
+    let (log_directory, log_path) = pod_logs(&pods);
+    let fake = containerd(log_directory.clone(), log_path.clone()).await;
+    let proxy = InProcessProxy::start(
+        fake.socket(),
+        &archive_toml(&dir.path().join("archive"), &pods),
+    )
+    .await;
+
+    // Created straight on containerd (dockhand was not running yet): no record.
+    unary(fake.socket(), CREATE, create_request(&log_directory))
+        .await
+        .expect("create");
+    unary(proxy.socket(), START, start_request())
+        .await
+        .expect("start");
+    assert_eq!(
+        fake.seen_for(STATUS).len(),
+        1,
+        "one verbose ContainerStatus"
+    );
+    assert_eq!(
+        fake.seen_for(SANDBOX_STATUS).len(),
+        1,
+        "one PodSandboxStatus"
+    );
+
+    let status = removed_then_read(&proxy, &log_path).await;
+    assert_eq!(status.metadata.unwrap().name, "app");
+    assert_eq!(std::fs::read_to_string(&status.log_path).unwrap(), LINE);
+    proxy.shutdown().await;
+}

@@ -1,0 +1,279 @@
+//! What CreateContainer says about a container, kept for the calls that follow it.
+//!
+//! kubelet's CreateContainer carries what the archive needs at StartContainer: the pod sandbox,
+//! the pod's log directory, the container's log path, its names, labels and annotations. Its
+//! reply carries the id. So the CreateContainer handler records them here (the annotations as
+//! forwarded, with the propagation decision dockhand added), and the archive takes the record at
+//! StartContainer instead of asking containerd twice more (a verbose ContainerStatus and a
+//! verbose PodSandboxStatus, and reading containerd's unversioned `info` JSON).
+//!
+//! The record is a shortcut, never the only source: a container created before the proxy
+//! started, or whose record was dropped for the bound, is looked up in containerd as before.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use dockhand_host::ContainerId;
+use dockhand_protos::cri::{CreateContainerRequest, CreateContainerResponse};
+use futures::future::BoxFuture;
+use prost::Message;
+
+use crate::grpc::{Interceptor, Reply, UnaryCall};
+use crate::propagation::Propagation;
+
+/// Records kept at most: created and not yet started or removed. A node runs about a hundred
+/// pods; past this the oldest record is dropped (its container is looked up in containerd).
+const MAX_RECORDS: usize = 4096;
+
+/// One container, as CreateContainer asked for it and containerd created it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Created {
+    pub sandbox_id: String,
+    /// The pod's log directory (`PodSandboxConfig.log_directory`).
+    pub log_directory: String,
+    /// The log file, as containerd makes it: the log directory joined with the container's
+    /// relative `log_path`; empty when the container has no log file.
+    pub log_path: String,
+    pub name: String,
+    pub attempt: u32,
+    /// The image as asked for (containerd's status names it by its tag instead).
+    pub image: String,
+    pub labels: HashMap<String, String>,
+    /// The annotations containerd received: the decision annotation included.
+    pub annotations: HashMap<String, String>,
+    /// When containerd answered CreateContainer (nanoseconds since the epoch).
+    pub created_at: i64,
+}
+
+impl Created {
+    /// The record of a CreateContainer `request` that containerd answered with `container_id`.
+    /// `decision` is the annotation dockhand added to what it forwarded, if any.
+    pub fn new(request: &CreateContainerRequest, decision: Option<(&str, String)>) -> Created {
+        let config = request.config.clone().unwrap_or_default();
+        let log_directory = request
+            .sandbox_config
+            .as_ref()
+            .map(|s| s.log_directory.clone())
+            .unwrap_or_default();
+        // containerd: `filepath.Join(sandboxConfig.LogDirectory, config.LogPath)` when the
+        // container has a log path.
+        let log_path = if config.log_path.is_empty() {
+            String::new()
+        } else {
+            Path::new(&log_directory)
+                .join(&config.log_path)
+                .to_string_lossy()
+                .into_owned()
+        };
+        let mut annotations = config.annotations;
+        if let Some((key, value)) = decision {
+            annotations.insert(key.to_string(), value);
+        }
+        let metadata = config.metadata.unwrap_or_default();
+        Created {
+            sandbox_id: request.pod_sandbox_id.clone(),
+            log_directory,
+            log_path,
+            name: metadata.name,
+            attempt: metadata.attempt,
+            image: config.image.map(|i| i.image).unwrap_or_default(),
+            labels: config.labels,
+            annotations,
+            created_at: now_nanos(),
+        }
+    }
+}
+
+/// Now, in nanoseconds since the epoch (CRI's timestamps).
+pub fn now_nanos() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+}
+
+/// The records, by container id, bounded.
+#[derive(Default)]
+pub struct Lifecycle {
+    inner: Mutex<Records>,
+}
+
+#[derive(Default)]
+struct Records {
+    by_id: HashMap<ContainerId, Created>,
+    /// Insertion order, for the bound (ids already taken are skipped when met).
+    order: VecDeque<ContainerId>,
+}
+
+impl Lifecycle {
+    fn records(&self) -> MutexGuard<'_, Records> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keeps `created` for `id`, dropping the oldest record past the bound.
+    pub fn record(&self, id: ContainerId, created: Created) {
+        let mut records = self.records();
+        if records.by_id.insert(id.clone(), created).is_none() {
+            records.order.push_back(id);
+        }
+        while records.by_id.len() > MAX_RECORDS {
+            let Some(oldest) = records.order.pop_front() else {
+                break;
+            };
+            records.by_id.remove(&oldest);
+        }
+        // Taken ids leave stale entries in `order`; keep it from growing past twice the bound.
+        if records.order.len() > 2 * MAX_RECORDS {
+            let Records { by_id, order } = &mut *records;
+            order.retain(|id| by_id.contains_key(id));
+        }
+    }
+
+    /// The record of `id`, removed: the caller is the last to need it.
+    pub fn take(&self, id: &ContainerId) -> Option<Created> {
+        self.records().by_id.remove(id)
+    }
+
+    /// Drops the records of `id` (removed before it started).
+    pub fn forget(&self, id: &ContainerId) {
+        self.records().by_id.remove(id);
+    }
+
+    /// Drops the records of the containers of sandboxes whose id starts with `pod` (containerd
+    /// takes a unique prefix of a sandbox id).
+    pub fn forget_pod(&self, pod: &str) {
+        self.records()
+            .by_id
+            .retain(|_, created| !created.sandbox_id.starts_with(pod));
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.records().by_id.len()
+    }
+
+    #[cfg(test)]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// CreateContainer with the archive on: propagation decides and forwards, then a created
+/// container is recorded.
+pub struct CreateContainer {
+    propagation: Arc<Propagation>,
+    lifecycle: Arc<Lifecycle>,
+}
+
+impl CreateContainer {
+    pub fn new(propagation: Arc<Propagation>, lifecycle: Arc<Lifecycle>) -> CreateContainer {
+        CreateContainer {
+            propagation,
+            lifecycle,
+        }
+    }
+}
+
+impl Interceptor for CreateContainer {
+    fn handle(&self, call: UnaryCall) -> BoxFuture<'_, Reply> {
+        Box::pin(async move {
+            // Decoded once, for propagation and for the record.
+            let request = call.decode::<CreateContainerRequest>().ok();
+            let forwarded = self.propagation.forward(&call, request.as_ref()).await;
+            let (Some(request), Some(message)) = (request, forwarded.reply.message()) else {
+                return forwarded.reply;
+            };
+            let id = CreateContainerResponse::decode(message)
+                .ok()
+                .and_then(|r| ContainerId::parse(&r.container_id).ok());
+            if let Some(id) = id {
+                let decision = forwarded
+                    .decision
+                    .map(|value| (crate::propagation::DECISION_ANNOTATION, value));
+                self.lifecycle.record(id, Created::new(&request, decision));
+            }
+            forwarded.reply
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dockhand_protos::cri::{
+        ContainerConfig, ContainerMetadata, ImageSpec, PodSandboxConfig, PodSandboxMetadata,
+    };
+
+    fn request(log_path: &str) -> CreateContainerRequest {
+        CreateContainerRequest {
+            pod_sandbox_id: "sandbox".into(),
+            config: Some(ContainerConfig {
+                metadata: Some(ContainerMetadata {
+                    name: "app".into(),
+                    attempt: 2,
+                }),
+                image: Some(ImageSpec {
+                    image: "busybox".into(),
+                    ..ImageSpec::default()
+                }),
+                log_path: log_path.into(),
+                labels: [("io.kubernetes.pod.name".to_string(), "web".to_string())].into(),
+                annotations: [("a".to_string(), "b".to_string())].into(),
+                ..ContainerConfig::default()
+            }),
+            sandbox_config: Some(PodSandboxConfig {
+                metadata: Some(PodSandboxMetadata::default()),
+                log_directory: "/var/log/pods/ns_web_uid".into(),
+                ..PodSandboxConfig::default()
+            }),
+        }
+    }
+
+    fn id(n: usize) -> ContainerId {
+        ContainerId::parse(&format!("{n:064x}")).unwrap()
+    }
+
+    #[test]
+    fn the_log_path_is_joined_as_containerd_joins_it() {
+        let created = Created::new(&request("app/2.log"), None);
+        assert_eq!(created.log_path, "/var/log/pods/ns_web_uid/app/2.log");
+        assert_eq!(created.log_directory, "/var/log/pods/ns_web_uid");
+        assert_eq!(created.sandbox_id, "sandbox");
+        assert_eq!((created.name.as_str(), created.attempt), ("app", 2));
+        assert_eq!(created.image, "busybox");
+        // No log path: no log file (containerd makes none).
+        assert_eq!(Created::new(&request(""), None).log_path, "");
+    }
+
+    #[test]
+    fn the_decision_is_among_the_annotations() {
+        let created = Created::new(
+            &request("app/0.log"),
+            Some(("dockhand.io/mount-propagation", "/data=rslave".into())),
+        );
+        assert_eq!(created.annotations["a"], "b");
+        assert_eq!(
+            created.annotations["dockhand.io/mount-propagation"],
+            "/data=rslave"
+        );
+    }
+
+    #[test]
+    fn records_are_taken_once_and_bounded() {
+        let lifecycle = Lifecycle::default();
+        let created = Created::new(&request("app/0.log"), None);
+        lifecycle.record(id(0), created.clone());
+        assert_eq!(lifecycle.take(&id(0)), Some(created.clone()));
+        assert_eq!(lifecycle.take(&id(0)), None);
+        for n in 0..MAX_RECORDS + 10 {
+            lifecycle.record(id(n), created.clone());
+        }
+        assert_eq!(lifecycle.len(), MAX_RECORDS);
+        // The oldest went first.
+        assert!(lifecycle.take(&id(9)).is_none());
+        assert!(lifecycle.take(&id(10)).is_some());
+        lifecycle.forget_pod("sand");
+        assert!(lifecycle.is_empty());
+    }
+}
