@@ -193,6 +193,37 @@ async fn removed_then_read(proxy: &InProcessProxy, log_path: &str) -> ContainerS
         .expect("a status")
 }
 
+/// A pod's log directory with its container's live log, the fake containerd and the proxy with
+/// its archive in front of it.
+struct Node {
+    _dir: tempfile::TempDir,
+    log_directory: String,
+    log_path: String,
+    fake: FakeUpstream,
+    proxy: InProcessProxy,
+}
+
+impl Node {
+    async fn start() -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let pods = dir.path().join("pods");
+        let (log_directory, log_path) = pod_logs(&pods);
+        let fake = containerd(log_directory.clone(), log_path.clone()).await;
+        let proxy = InProcessProxy::start(
+            fake.socket(),
+            &archive_toml(&dir.path().join("archive"), &pods),
+        )
+        .await;
+        Node {
+            _dir: dir,
+            log_directory,
+            log_path,
+            fake,
+            proxy,
+        }
+    }
+}
+
 fn start_request() -> Vec<u8> {
     StartContainerRequest {
         container_id: ID.into(),
@@ -200,78 +231,53 @@ fn start_request() -> Vec<u8> {
     .encode_to_vec()
 }
 
-#[tokio::test]
-async fn a_container_created_through_dockhand_is_staged_without_asking_containerd() {
-    let dir = tempfile::tempdir().unwrap();
-    let pods = dir.path().join("pods");
-    let (log_directory, log_path) = pod_logs(&pods);
-    let fake = containerd(log_directory.clone(), log_path.clone()).await;
-    let proxy = InProcessProxy::start(
-        fake.socket(),
-        &archive_toml(&dir.path().join("archive"), &pods),
-    )
-    .await;
-
-    unary(proxy.socket(), CREATE, create_request(&log_directory))
+/// Creates the container (through dockhand, or straight on containerd as before dockhand ran)
+/// and starts it through dockhand; how often containerd was then asked ContainerStatus and
+/// PodSandboxStatus.
+async fn create_and_start(node: &Node, through_dockhand: bool) -> (usize, usize) {
+    let creator = if through_dockhand {
+        node.proxy.socket()
+    } else {
+        node.fake.socket()
+    };
+    unary(creator, CREATE, create_request(&node.log_directory))
         .await
         .expect("create");
-    unary(proxy.socket(), START, start_request())
+    unary(node.proxy.socket(), START, start_request())
         .await
         .expect("start");
-    // CreateContainer said where the log is: containerd was not asked again.
-    assert!(
-        fake.seen_for(STATUS).is_empty(),
-        "ContainerStatus was asked"
-    );
-    assert!(
-        fake.seen_for(SANDBOX_STATUS).is_empty(),
-        "PodSandboxStatus was asked"
-    );
+    (
+        node.fake.seen_for(STATUS).len(),
+        node.fake.seen_for(SANDBOX_STATUS).len(),
+    )
+}
 
-    let status = removed_then_read(&proxy, &log_path).await;
+/// After the removal, ContainerStatus through dockhand serves the archived log.
+async fn assert_archived(node: Node) {
+    let status = removed_then_read(&node.proxy, &node.log_path).await;
     assert_eq!(status.state, ContainerState::ContainerExited as i32);
     assert_eq!(status.metadata.unwrap().name, "app");
     assert_eq!(status.labels["io.kubernetes.pod.name"], "web-1");
     assert_ne!(
-        status.log_path, log_path,
+        status.log_path, node.log_path,
         "a restored copy, not kubelet's file"
     );
     assert_eq!(std::fs::read_to_string(&status.log_path).unwrap(), LINE);
-    proxy.shutdown().await;
+    node.proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_container_created_through_dockhand_is_staged_without_asking_containerd() {
+    let node = Node::start().await;
+    // CreateContainer said where the log is: containerd was not asked again.
+    assert_eq!(create_and_start(&node, true).await, (0, 0));
+    assert_archived(node).await;
 }
 
 #[tokio::test]
 async fn a_container_created_before_dockhand_is_looked_up_in_containerd() {
-    let dir = tempfile::tempdir().unwrap();
-    let pods = dir.path().join("pods");
-    let (log_directory, log_path) = pod_logs(&pods);
-    let fake = containerd(log_directory.clone(), log_path.clone()).await;
-    let proxy = InProcessProxy::start(
-        fake.socket(),
-        &archive_toml(&dir.path().join("archive"), &pods),
-    )
-    .await;
-
-    // Created straight on containerd (dockhand was not running yet): no record.
-    unary(fake.socket(), CREATE, create_request(&log_directory))
-        .await
-        .expect("create");
-    unary(proxy.socket(), START, start_request())
-        .await
-        .expect("start");
-    assert_eq!(
-        fake.seen_for(STATUS).len(),
-        1,
-        "one verbose ContainerStatus"
-    );
-    assert_eq!(
-        fake.seen_for(SANDBOX_STATUS).len(),
-        1,
-        "one PodSandboxStatus"
-    );
-
-    let status = removed_then_read(&proxy, &log_path).await;
-    assert_eq!(status.metadata.unwrap().name, "app");
-    assert_eq!(std::fs::read_to_string(&status.log_path).unwrap(), LINE);
-    proxy.shutdown().await;
+    let node = Node::start().await;
+    // No record: one verbose ContainerStatus, one PodSandboxStatus.
+    assert_eq!(create_and_start(&node, false).await, (1, 1));
+    assert_archived(node).await;
 }

@@ -164,16 +164,8 @@ pub(super) async fn container_status(
             },
         )
         .await
-        .map_err(|status| ArchiveError::Upstream {
-            what: "container",
-            id: id.to_string(),
-            status: Box::new(status),
-        })?;
-    let info = response
-        .info
-        .get("info")
-        .and_then(|text| serde_json::from_str(text).ok())
-        .unwrap_or(serde_json::Value::Null);
+        .map_err(upstream_error("container", id.as_str()))?;
+    let info = info_json(&response.info);
     let status = response.status.ok_or_else(|| ArchiveError::Info {
         what: "container",
         id: id.to_string(),
@@ -197,16 +189,8 @@ async fn sandbox_log_directory(
             },
         )
         .await
-        .map_err(|status| ArchiveError::Upstream {
-            what: "sandbox",
-            id: sandbox_id.to_string(),
-            status: Box::new(status),
-        })?;
-    let info: serde_json::Value = response
-        .info
-        .get("info")
-        .and_then(|text| serde_json::from_str(text).ok())
-        .unwrap_or(serde_json::Value::Null);
+        .map_err(upstream_error("sandbox", sandbox_id))?;
+    let info = info_json(&response.info);
     info_field(&info, &["config", "log_directory"])
         .or_else(|| info_field(&info, &["config", "logDirectory"]))
         .ok_or_else(|| ArchiveError::Info {
@@ -214,6 +198,24 @@ async fn sandbox_log_directory(
             id: sandbox_id.to_string(),
             field: "config.log_directory",
         })
+}
+
+fn upstream_error<'a>(
+    what: &'static str,
+    id: &'a str,
+) -> impl FnOnce(tonic::Status) -> ArchiveError + 'a {
+    move |status| ArchiveError::Upstream {
+        what,
+        id: id.to_string(),
+        status: Box::new(status),
+    }
+}
+
+/// containerd's verbose `info["info"]` JSON (unversioned: read with care), Null when absent.
+fn info_json(info: &std::collections::HashMap<String, String>) -> serde_json::Value {
+    info.get("info")
+        .and_then(|text| serde_json::from_str(text).ok())
+        .unwrap_or(serde_json::Value::Null)
 }
 
 /// The shim's cgroup record for `id` in `records`, when the shim runs and wrote one (reads a file:

@@ -4,11 +4,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
-use dockhand_protos::cri::{
-    ContainerFilter, ContainerState, ContainerStateValue, ContainerStatusRequest,
-    ListContainersRequest, Mount, MountPropagation,
-};
+use dockhand_protos::cri::{Mount, MountPropagation};
 use serde::Serialize;
 
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
@@ -152,35 +148,9 @@ pub async fn propagation(args: PropagationArgs) -> anyhow::Result<()> {
         None => Config::load(std::path::Path::new(DEFAULT_CONFIG_PATH), false)?,
     };
     let rule = Rule::new(&config.propagation);
-    let mut client = super::cri_client::connect(&args.socket).await?;
-    let containers = client
-        .list_containers(ListContainersRequest {
-            filter: Some(ContainerFilter {
-                state: Some(ContainerStateValue {
-                    state: ContainerState::ContainerRunning as i32,
-                }),
-                ..Default::default()
-            }),
-        })
-        .await
-        .context("ListContainers")?
-        .into_inner()
-        .containers;
+    let containers = super::cri_client::running_containers(&args.socket, false).await?;
     let mut findings = Vec::new();
-    for container in containers {
-        let status = match client
-            .container_status(ContainerStatusRequest {
-                container_id: container.id.clone(),
-                verbose: false,
-            })
-            .await
-        {
-            Ok(response) => response.into_inner().status,
-            // Gone between the list and the status: nothing to audit.
-            Err(status) if status.code() == tonic::Code::NotFound => continue,
-            Err(status) => return Err(status).context(format!("ContainerStatus {}", container.id)),
-        };
-        let Some(status) = status else { continue };
+    for super::cri_client::Running { status, .. } in containers {
         findings.extend(findings_for(
             &rule,
             &status.labels,

@@ -14,12 +14,10 @@
 //! - `propagation`: the audit's at-risk mounts.
 //! - `archive`: the log archive against its bounds, lost logs since the last check.
 //! - `probe`: the statfs child.
-//! - `containers`: the running containers, from CRI.
 //! - `background`: the same checks inside the proxy, as Prometheus metrics.
 
 pub mod archive;
 pub mod background;
-mod containers;
 pub mod probe;
 pub mod propagation;
 pub mod runtime;
@@ -31,7 +29,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::time::Instant;
 
-pub use containers::{running_containers, CriError, Running};
+pub use crate::cli::cri_client::{running_containers, CriError, Running};
 
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
 
