@@ -21,7 +21,7 @@ use futures::future::BoxFuture;
 use prost::Message;
 
 use crate::grpc::{Interceptor, Reply, UnaryCall};
-use crate::propagation::Propagation;
+use crate::propagation::{lexically_clean, Propagation};
 
 /// Records kept at most: created and not yet started or removed. A node runs about a hundred
 /// pods; past this the oldest record is dropped (its container is looked up in containerd).
@@ -58,12 +58,13 @@ impl Created {
             .map(|s| s.log_directory.clone())
             .unwrap_or_default();
         // containerd: `filepath.Join(sandboxConfig.LogDirectory, config.LogPath)` when the
-        // container has a log path.
+        // container has a log path: joined with one `/` (an absolute log path stays below the
+        // directory, unlike `Path::join`) and cleaned.
         let log_path = if config.log_path.is_empty() {
             String::new()
         } else {
-            Path::new(&log_directory)
-                .join(&config.log_path)
+            let joined = format!("{log_directory}/{}", config.log_path);
+            lexically_clean(Path::new(&joined))
                 .to_string_lossy()
                 .into_owned()
         };
@@ -242,6 +243,11 @@ mod tests {
         assert_eq!(created.sandbox_id, "sandbox");
         assert_eq!((created.name.as_str(), created.attempt), ("app", 2));
         assert_eq!(created.image, "busybox");
+        // Joined and cleaned as Go's filepath.Join does.
+        assert_eq!(
+            Created::new(&request("/app//./x/../2.log"), None).log_path,
+            "/var/log/pods/ns_web_uid/app/2.log"
+        );
         // No log path: no log file (containerd makes none).
         assert_eq!(Created::new(&request(""), None).log_path, "");
     }

@@ -237,8 +237,9 @@ pub fn resolve(path: &Path) -> PathBuf {
     Resolver::default().resolve(path)
 }
 
-/// Removes `.` and applies `..` without touching the filesystem (for the part that does not exist).
-fn lexically_clean(path: &Path) -> PathBuf {
+/// Removes `.` and applies `..` without touching the filesystem (for the part that does not
+/// exist), as Go's `filepath.Clean` does for an absolute path.
+pub(crate) fn lexically_clean(path: &Path) -> PathBuf {
     let mut out = PathBuf::new();
     for component in path.components() {
         match component {
