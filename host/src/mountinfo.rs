@@ -575,6 +575,57 @@ mod tests {
         assert_eq!(rereads, 1);
     }
 
+    /// A mount made in a namespace after its table was read is seen by the next use, and only
+    /// then is the table read again. The namespace is a child's own (`unshare --mount`, which
+    /// needs root as the proxy does), so the host's mount table is never touched.
+    #[test]
+    fn the_watched_table_sees_a_mount_made_after_it_was_read() {
+        use std::io::{BufRead, Write};
+        use std::process::{Command, Stdio};
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().canonicalize().unwrap().join("later");
+        std::fs::create_dir(&target).unwrap();
+        let mut child = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(r#"echo ready; read go; mount -t tmpfs dockhand-watched "$0" && echo mounted; read done"#)
+            .arg(&target)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("run unshare");
+        let mut to_child = child.stdin.take().unwrap();
+        let mut from_child = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        from_child.read_line(&mut line).unwrap();
+        assert_eq!(line, "ready\n", "unshare --mount failed (not root?)");
+
+        let watched = WatchedMountTable::new(
+            &Path::new("/proc")
+                .join(child.id().to_string())
+                .join("mountinfo"),
+        );
+        let mut rereads = 0;
+        let before = watched.current(|_| rereads += 1).unwrap();
+        assert!(before.entries().iter().all(|e| e.mount_point != target));
+
+        writeln!(to_child, "go").unwrap();
+        line.clear();
+        from_child.read_line(&mut line).unwrap();
+        assert_eq!(line, "mounted\n", "the child could not mount a tmpfs");
+        let after = watched.current(|_| rereads += 1).unwrap();
+        let again = watched.current(|_| rereads += 1).unwrap();
+        drop(to_child);
+        child.wait().unwrap();
+        assert_eq!(
+            rereads, 2,
+            "read once, then once after the mount, then cached"
+        );
+        assert!(std::sync::Arc::ptr_eq(&after, &again));
+        let mounted = after.containing(&target.join("x")).unwrap();
+        assert_eq!(mounted.mount_point, target);
+        assert_eq!(mounted.source, "dockhand-watched");
+    }
+
     #[test]
     fn read_reports_the_path() {
         let err = MountTable::read_from(Path::new("/nonexistent/mountinfo")).unwrap_err();

@@ -957,3 +957,35 @@ fn deep_paths_are_followed() {
     }
     assert_eq!(output, expected);
 }
+
+/// The largest field number protobuf allows is a field like any other: read, kept byte for byte
+/// through an edit elsewhere, and itself editable (one more is refused: see above).
+#[test]
+fn the_largest_field_number_is_a_field_like_any_other() {
+    let largest = varint_field(MAX_FIELD_NUMBER, 5);
+    let message = [varint_field(1, 1), largest.clone()].concat();
+    let read = all_fields(&message);
+    assert_eq!(read.len(), 2);
+    assert_eq!(read[1].number, MAX_FIELD_NUMBER);
+    assert_eq!(bytes(&message, &read[1].span()), largest.as_slice());
+
+    let set_first = Edit {
+        path: vec![],
+        op: Op::SetVarint { field: 1, value: 2 },
+    };
+    let edited = apply(&message, &[set_first]).unwrap();
+    assert_eq!(edited, [varint_field(1, 2), largest].concat());
+
+    let set_largest = Edit {
+        path: vec![],
+        op: Op::SetVarint {
+            field: MAX_FIELD_NUMBER,
+            value: 6,
+        },
+    };
+    let edited = apply(&message, &[set_largest]).unwrap();
+    assert_eq!(
+        edited,
+        [varint_field(1, 1), varint_field(MAX_FIELD_NUMBER, 6)].concat()
+    );
+}
