@@ -409,3 +409,53 @@ async fn a_host_path_that_never_answers_is_forwarded_unchanged_after_the_deadlin
     assert_eq!(proxy.rewrites("rslave"), 1);
     assert_eq!(proxy.rewrites("timeout"), 1);
 }
+
+/// The proxy as systemd runs it (its own process) stops on SIGTERM although a decision is still
+/// stuck on a hung host path: the stuck thread must not keep the process alive.
+#[tokio::test]
+async fn a_proxy_with_a_decision_stuck_on_a_hung_path_exits_on_sigterm() {
+    let (_dir, root) = temp_root();
+    let hung = HungFuse::mount(&root.join("hung"));
+    let fake = FakeUpstream::start(|_, _| Answer::Message(Bytes::new())).await;
+    let socket = root.join("dockhand.sock");
+    let config = root.join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"{}\"\ncontainerd = \"{}\"\n[archive]\nenabled = false\n{}",
+            socket.display(),
+            fake.socket().display(),
+            self::config("enforce", &root)
+        ),
+    )
+    .unwrap();
+    let bin = dockhand_integration::proxy::proxy_binary().expect("dockhand binary");
+    let mut child = tokio::process::Command::new(bin)
+        .args(["proxy", "--config"])
+        .arg(&config)
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start dockhand proxy");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "the proxy never listened");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stuck = create_request(&hung.path.join("volume"), &[]);
+    tokio::time::timeout(Duration::from_secs(10), create(&socket, &stuck))
+        .await
+        .expect("CreateContainer answered within 10 s")
+        .expect("create goes through");
+    assert_unchanged(&received(&fake), &stuck);
+
+    let pid = child.id().expect("running") as i32;
+    run(Command::new("kill").args(["-TERM", &pid.to_string()]));
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("the proxy exited within 15 s of SIGTERM, the hung path still hung")
+        .expect("wait");
+    assert!(status.success(), "{status:?}");
+    // The filesystem was still hung all along (it is released only when `hung` drops).
+    assert!(hung.connection.is_some());
+}

@@ -134,6 +134,10 @@ fn main() -> ExitCode {
             }
         }
     });
+    // Not a plain drop, which waits for every blocking task: a propagation decision stuck in
+    // `lstat` on a hung filesystem must not keep a stopped proxy alive (the drain is over by
+    // now, and every file the proxy writes is written temp-then-rename).
+    runtime.shutdown_timeout(SHUTDOWN_BLOCKING_WAIT);
     match result {
         Ok(code) => code,
         Err(e) => {
@@ -142,6 +146,9 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// How long an exiting process waits for its blocking tasks.
+const SHUTDOWN_BLOCKING_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 async fn proxy(config: Config) -> anyhow::Result<ExitCode> {
     let mut registry = prometheus_client::registry::Registry::default();
