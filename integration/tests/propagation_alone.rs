@@ -286,92 +286,76 @@ fn config(mode: &str, extra: &Path) -> String {
     )
 }
 
-#[tokio::test]
-async fn enforce_asks_containerd_for_host_to_container_on_a_shared_host_mount() {
-    let (_dir, root) = temp_root();
+/// One CreateContainer through a proxy in `mode`, for a mount of a shared tmpfs that the rule
+/// covers (through `extra_paths`), the pod annotated with `pod_annotations`.
+struct OneCreate {
+    request: Vec<u8>,
+    /// What containerd received.
+    received: Bytes,
+    proxy: Proxy,
+    _fake: FakeUpstream,
+    _shared: SharedTmpfs,
+    _dir: tempfile::TempDir,
+}
+
+async fn one_create(mode: &str, pod_annotations: &[(&str, &str)]) -> OneCreate {
+    let (dir, root) = temp_root();
     let shared = SharedTmpfs::mount(&root.join("shared"));
     let fake = FakeUpstream::start(|_, _| Answer::Message(Bytes::new())).await;
-    let proxy = Proxy::start(fake.socket(), &config("enforce", &shared.path)).await;
-    let request = create_request(&shared.path.join("data"), &[]);
-
+    let proxy = Proxy::start(fake.socket(), &config(mode, &shared.path)).await;
+    let request = create_request(&shared.path.join("data"), pod_annotations);
     create(&proxy.socket, &request)
         .await
         .expect("create goes through");
+    OneCreate {
+        request,
+        received: received(&fake),
+        proxy,
+        _fake: fake,
+        _shared: shared,
+        _dir: dir,
+    }
+}
 
-    assert_rslave(&received(&fake), &request);
-    assert_eq!(proxy.rewrites("rslave"), 1);
+#[tokio::test]
+async fn enforce_asks_containerd_for_host_to_container_on_a_shared_host_mount() {
+    let done = one_create("enforce", &[]).await;
+    assert_rslave(&done.received, &done.request);
+    assert_eq!(done.proxy.rewrites("rslave"), 1);
 }
 
 #[tokio::test]
 async fn mode_off_forwards_the_exact_bytes_and_counts_nothing() {
-    let (_dir, root) = temp_root();
-    let shared = SharedTmpfs::mount(&root.join("shared"));
-    let fake = FakeUpstream::start(|_, _| Answer::Message(Bytes::new())).await;
-    let proxy = Proxy::start(fake.socket(), &config("off", &shared.path)).await;
-    let request = create_request(&shared.path.join("data"), &[]);
-
-    create(&proxy.socket, &request)
-        .await
-        .expect("create goes through");
-
-    assert_unchanged(&received(&fake), &request);
-    assert_eq!(proxy.all_rewrites(), Vec::<String>::new());
+    let done = one_create("off", &[]).await;
+    assert_unchanged(&done.received, &done.request);
+    assert_eq!(done.proxy.all_rewrites(), Vec::<String>::new());
 }
 
 #[tokio::test]
 async fn dry_run_forwards_the_exact_bytes_and_counts_what_it_would_do() {
-    let (_dir, root) = temp_root();
-    let shared = SharedTmpfs::mount(&root.join("shared"));
-    let fake = FakeUpstream::start(|_, _| Answer::Message(Bytes::new())).await;
-    let proxy = Proxy::start(fake.socket(), &config("dry-run", &shared.path)).await;
-    let request = create_request(&shared.path.join("data"), &[]);
-
-    create(&proxy.socket, &request)
-        .await
-        .expect("create goes through");
-
-    assert_unchanged(&received(&fake), &request);
-    assert_eq!(proxy.rewrites("dry_run"), 1);
-    assert_eq!(proxy.rewrites("rslave"), 0);
+    let done = one_create("dry-run", &[]).await;
+    assert_unchanged(&done.received, &done.request);
+    assert_eq!(done.proxy.rewrites("dry_run"), 1);
+    assert_eq!(done.proxy.rewrites("rslave"), 0);
 }
 
 #[tokio::test]
 async fn a_pod_that_opts_out_gets_the_exact_bytes_forwarded() {
-    let (_dir, root) = temp_root();
-    let shared = SharedTmpfs::mount(&root.join("shared"));
-    let fake = FakeUpstream::start(|_, _| Answer::Message(Bytes::new())).await;
-    let proxy = Proxy::start(fake.socket(), &config("enforce", &shared.path)).await;
-    let request = create_request(
-        &shared.path.join("data"),
+    let done = one_create(
+        "enforce",
         &[("dockhand.io/mount-propagation", "keep"), ("team", "web")],
-    );
-
-    create(&proxy.socket, &request)
-        .await
-        .expect("create goes through");
-
-    assert_unchanged(&received(&fake), &request);
-    assert_eq!(proxy.rewrites("opted_out"), 1);
-    assert_eq!(proxy.rewrites("rslave"), 0);
+    )
+    .await;
+    assert_unchanged(&done.received, &done.request);
+    assert_eq!(done.proxy.rewrites("opted_out"), 1);
+    assert_eq!(done.proxy.rewrites("rslave"), 0);
 }
 
 #[tokio::test]
 async fn another_value_of_the_opt_out_annotation_does_not_opt_out() {
-    let (_dir, root) = temp_root();
-    let shared = SharedTmpfs::mount(&root.join("shared"));
-    let fake = FakeUpstream::start(|_, _| Answer::Message(Bytes::new())).await;
-    let proxy = Proxy::start(fake.socket(), &config("enforce", &shared.path)).await;
-    let request = create_request(
-        &shared.path.join("data"),
-        &[("dockhand.io/mount-propagation", "rslave")],
-    );
-
-    create(&proxy.socket, &request)
-        .await
-        .expect("create goes through");
-
-    assert_rslave(&received(&fake), &request);
-    assert_eq!(proxy.rewrites("opted_out"), 0);
+    let done = one_create("enforce", &[("dockhand.io/mount-propagation", "rslave")]).await;
+    assert_rslave(&done.received, &done.request);
+    assert_eq!(done.proxy.rewrites("opted_out"), 0);
 }
 
 #[tokio::test]
