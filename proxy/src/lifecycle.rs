@@ -13,15 +13,15 @@
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use dockhand_host::ContainerId;
-use dockhand_protos::cri::{CreateContainerRequest, CreateContainerResponse};
+use dockhand_protos::cri::{ContainerConfig, CreateContainerRequest, CreateContainerResponse};
 use futures::future::BoxFuture;
 use prost::Message;
 
+use crate::archive::store::now_nanos;
 use crate::grpc::{Interceptor, Reply, UnaryCall};
-use crate::propagation::{lexically_clean, Propagation};
+use crate::propagation::{lexically_clean, Propagation, DECISION_ANNOTATION};
 
 /// Records kept at most: created and not yet started or removed. A node runs about a hundred
 /// pods; past this the oldest record is dropped (its container is looked up in containerd).
@@ -48,10 +48,11 @@ pub struct Created {
 }
 
 impl Created {
-    /// The record of a CreateContainer `request` that containerd answered with `container_id`.
-    /// `decision` is the annotation dockhand added to what it forwarded, if any.
-    pub fn new(request: &CreateContainerRequest, decision: Option<(&str, String)>) -> Created {
-        let config = request.config.clone().unwrap_or_default();
+    /// The record of a CreateContainer `request` (only what is kept is copied: not its mounts,
+    /// devices or environment). The decision annotation, when dockhand adds one, is added after.
+    pub fn new(request: &CreateContainerRequest) -> Created {
+        let default = ContainerConfig::default();
+        let config = request.config.as_ref().unwrap_or(&default);
         let log_directory = request
             .sandbox_config
             .as_ref()
@@ -68,30 +69,32 @@ impl Created {
                 .to_string_lossy()
                 .into_owned()
         };
-        let mut annotations = config.annotations;
-        if let Some((key, value)) = decision {
-            annotations.insert(key.to_string(), value);
-        }
-        let metadata = config.metadata.unwrap_or_default();
+        let metadata = config.metadata.as_ref();
         Created {
             sandbox_id: request.pod_sandbox_id.clone(),
             log_directory,
             log_path,
-            name: metadata.name,
-            attempt: metadata.attempt,
-            image: config.image.map(|i| i.image).unwrap_or_default(),
-            labels: config.labels,
-            annotations,
+            name: metadata.map(|m| m.name.clone()).unwrap_or_default(),
+            attempt: metadata.map_or(0, |m| m.attempt),
+            image: config
+                .image
+                .as_ref()
+                .map(|i| i.image.clone())
+                .unwrap_or_default(),
+            labels: config.labels.clone(),
+            annotations: config.annotations.clone(),
             created_at: now_nanos(),
         }
     }
-}
 
-/// Now, in nanoseconds since the epoch (CRI's timestamps).
-pub fn now_nanos() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+    /// Adds the decision annotation dockhand put in what it forwarded, if it edited it: the
+    /// annotations are then what containerd received.
+    pub fn decided(&mut self, decision: Option<String>) {
+        if let Some(decision) = decision {
+            self.annotations
+                .insert(DECISION_ANNOTATION.to_string(), decision);
+        }
+    }
 }
 
 /// The records, by container id, bounded.
@@ -179,20 +182,19 @@ impl CreateContainer {
 impl Interceptor for CreateContainer {
     fn handle(&self, call: UnaryCall) -> BoxFuture<'_, Reply> {
         Box::pin(async move {
-            // Decoded once, for propagation and for the record.
+            // Decoded once: the record keeps what it needs, propagation takes the rest.
             let request = call.decode::<CreateContainerRequest>().ok();
-            let forwarded = self.propagation.forward(&call, request.as_ref()).await;
-            let (Some(request), Some(message)) = (request, forwarded.reply.message()) else {
+            let created = request.as_ref().map(Created::new);
+            let forwarded = self.propagation.forward(&call, request).await;
+            let (Some(mut created), Some(message)) = (created, forwarded.reply.message()) else {
                 return forwarded.reply;
             };
             let id = CreateContainerResponse::decode(message)
                 .ok()
                 .and_then(|r| ContainerId::parse(&r.container_id).ok());
             if let Some(id) = id {
-                let decision = forwarded
-                    .decision
-                    .map(|value| (crate::propagation::DECISION_ANNOTATION, value));
-                self.lifecycle.record(id, Created::new(&request, decision));
+                created.decided(forwarded.decision);
+                self.lifecycle.record(id, created);
             }
             forwarded.reply
         })
@@ -237,7 +239,7 @@ mod tests {
 
     #[test]
     fn the_log_path_is_joined_as_containerd_joins_it() {
-        let created = Created::new(&request("app/2.log"), None);
+        let created = Created::new(&request("app/2.log"));
         assert_eq!(created.log_path, "/var/log/pods/ns_web_uid/app/2.log");
         assert_eq!(created.log_directory, "/var/log/pods/ns_web_uid");
         assert_eq!(created.sandbox_id, "sandbox");
@@ -245,19 +247,17 @@ mod tests {
         assert_eq!(created.image, "busybox");
         // Joined and cleaned as Go's filepath.Join does.
         assert_eq!(
-            Created::new(&request("/app//./x/../2.log"), None).log_path,
+            Created::new(&request("/app//./x/../2.log")).log_path,
             "/var/log/pods/ns_web_uid/app/2.log"
         );
         // No log path: no log file (containerd makes none).
-        assert_eq!(Created::new(&request(""), None).log_path, "");
+        assert_eq!(Created::new(&request("")).log_path, "");
     }
 
     #[test]
     fn the_decision_is_among_the_annotations() {
-        let created = Created::new(
-            &request("app/0.log"),
-            Some(("dockhand.io/mount-propagation", "/data=rslave".into())),
-        );
+        let mut created = Created::new(&request("app/0.log"));
+        created.decided(Some("/data=rslave".into()));
         assert_eq!(created.annotations["a"], "b");
         assert_eq!(
             created.annotations["dockhand.io/mount-propagation"],
@@ -268,7 +268,7 @@ mod tests {
     #[test]
     fn records_are_taken_once_and_bounded() {
         let lifecycle = Lifecycle::default();
-        let created = Created::new(&request("app/0.log"), None);
+        let created = Created::new(&request("app/0.log"));
         lifecycle.record(id(0), created.clone());
         assert_eq!(lifecycle.take(&id(0)), Some(created.clone()));
         assert_eq!(lifecycle.take(&id(0)), None);

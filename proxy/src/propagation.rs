@@ -416,23 +416,17 @@ impl Propagation {
     pub async fn forward(
         &self,
         call: &UnaryCall,
-        request: Option<&CreateContainerRequest>,
+        request: Option<CreateContainerRequest>,
     ) -> Forwarded {
-        let as_it_came = || async {
-            Forwarded {
-                reply: call.forward_unchanged().await,
-                decision: None,
-            }
-        };
         if self.config.mode == PropagationMode::Off {
-            return as_it_came().await;
+            return Forwarded::as_it_came(call).await;
         }
         let Some(request) = request else {
             tracing::debug!("CreateContainer does not decode; forwarding as is");
-            return as_it_came().await;
+            return Forwarded::as_it_came(call).await;
         };
         let Some(config) = request.config.as_ref() else {
-            return as_it_came().await;
+            return Forwarded::as_it_came(call).await;
         };
         let pod = request
             .sandbox_config
@@ -443,7 +437,7 @@ impl Propagation {
         let container = config
             .metadata
             .as_ref()
-            .map(|m| m.name.as_str())
+            .map(|m| m.name.clone())
             .unwrap_or_default();
         let span = tracing::info_span!("create_container", pod = %pod, container = %container);
         self.decide_and_forward(call, request)
@@ -454,19 +448,9 @@ impl Propagation {
     async fn decide_and_forward(
         &self,
         call: &UnaryCall,
-        request: &CreateContainerRequest,
+        request: CreateContainerRequest,
     ) -> Forwarded {
-        let unchanged = || async {
-            Forwarded {
-                reply: call.forward_unchanged().await,
-                decision: None,
-            }
-        };
-        let mounts = request
-            .config
-            .as_ref()
-            .map(|c| c.mounts.clone())
-            .unwrap_or_default();
+        let mounts = request.config.map(|c| c.mounts).unwrap_or_default();
         // The opt-out is read before any host path is touched: a pod may opt out precisely
         // because one of its host paths lives on a filesystem that hangs.
         let opted_out = request
@@ -483,7 +467,7 @@ impl Propagation {
                 );
                 self.count("opted_out", candidates);
             }
-            return unchanged().await;
+            return Forwarded::as_it_came(call).await;
         }
         // A decision stuck on a hung filesystem cannot be cancelled (it is a blocking system
         // call); it holds its permit until it returns, so a hang costs at most
@@ -491,7 +475,7 @@ impl Propagation {
         let Ok(permit) = self.deciding.clone().try_acquire_owned() else {
             tracing::warn!("earlier decisions are still stuck on host paths; forwarding unchanged");
             self.count("timeout", 1);
-            return unchanged().await;
+            return Forwarded::as_it_came(call).await;
         };
         let decider = self.decider.clone();
         let decided = tokio::task::spawn_blocking(move || {
@@ -504,7 +488,7 @@ impl Propagation {
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "deciding failed; forwarding unchanged");
                 self.count("error", 1);
-                return unchanged().await;
+                return Forwarded::as_it_came(call).await;
             }
             Err(_) => {
                 tracing::warn!(
@@ -512,11 +496,11 @@ impl Propagation {
                     "host paths did not answer in time (a hung filesystem?); forwarding unchanged"
                 );
                 self.count("timeout", 1);
-                return unchanged().await;
+                return Forwarded::as_it_came(call).await;
             }
         };
         if decisions.is_empty() {
-            return unchanged().await;
+            return Forwarded::as_it_came(call).await;
         }
         for d in &decisions {
             match &d.decision {
@@ -533,7 +517,7 @@ impl Propagation {
         }
         if self.config.mode == PropagationMode::DryRun {
             self.count("dry_run", decisions.len());
-            return unchanged().await;
+            return Forwarded::as_it_came(call).await;
         }
         match wire::apply(&call.message, &edits(&decisions)) {
             Ok(edited) => {
@@ -551,7 +535,7 @@ impl Propagation {
             Err(e) => {
                 tracing::warn!(error = %e, "cannot edit CreateContainer; forwarding unchanged");
                 self.count("error", decisions.len());
-                unchanged().await
+                Forwarded::as_it_came(call).await
             }
         }
     }
@@ -564,12 +548,22 @@ pub struct Forwarded {
     pub decision: Option<String>,
 }
 
+impl Forwarded {
+    /// The request forwarded as it came.
+    async fn as_it_came(call: &UnaryCall) -> Forwarded {
+        Forwarded {
+            reply: call.forward_unchanged().await,
+            decision: None,
+        }
+    }
+}
+
 /// CreateContainer with the archive off: propagation alone.
 impl Interceptor for Propagation {
     fn handle(&self, call: UnaryCall) -> BoxFuture<'_, Reply> {
         Box::pin(async move {
             let request = call.decode::<CreateContainerRequest>().ok();
-            self.forward(&call, request.as_ref()).await.reply
+            self.forward(&call, request).await.reply
         })
     }
 }

@@ -3,8 +3,9 @@
 use dockhand_host::ContainerId;
 use dockhand_protos::cri::{ContainerState, ContainerStatus};
 
+use super::store::now_nanos;
 use super::store::ContainerMeta;
-use crate::lifecycle::{now_nanos, Created};
+use crate::lifecycle::Created;
 
 /// A non-empty string at `path` in containerd's verbose `info` JSON.
 pub(super) fn info_field(info: &serde_json::Value, path: &[&str]) -> Option<String> {

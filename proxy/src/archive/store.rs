@@ -627,6 +627,7 @@ fn remove_any(path: &Path) {
     }
 }
 
+/// Now, in nanoseconds since the epoch (CRI's and the archive's timestamps).
 pub fn now_nanos() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use serde::Serialize;
 
 use super::cri_log;
-use crate::archive::store::{Entry, Store};
+use crate::archive::store::{now_nanos, Entry, Store};
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
 
 #[derive(clap::Args, Debug, Default)]
@@ -225,10 +225,4 @@ fn human_bytes(n: u64) -> String {
         n if n >= 1 << 10 => format!("{:.1}Ki", n as f64 / 1024.0),
         n => format!("{n}B"),
     }
-}
-
-fn now_nanos() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as i64)
 }
