@@ -16,6 +16,9 @@ use dockhand_integration::{read_messages, Version};
 use dockhand_protos::cri;
 use tonic::Code;
 
+#[path = "archive/restored.rs"]
+mod restored;
+
 /// Where one test's archive lives (all inside the node's temp dir, on the pod logs' filesystem).
 struct Dirs {
     archive: PathBuf,
@@ -1046,82 +1049,5 @@ async fn statuses_of_removed_containers_do_not_ask_containerd() -> Result<()> {
     let unknown = "e".repeat(64);
     let error = cri.container_status(&unknown, false).await.unwrap_err();
     assert_eq!(error.code(), Code::NotFound);
-    Ok(())
-}
-
-/// Issue 11.5: restored copies stay within `restored_max_bytes` (least recently used go first),
-/// a repeated removal leaves no copy behind, and a restart removes what an earlier run left.
-#[tokio::test(flavor = "multi_thread")]
-async fn restored_copies_are_bounded_and_cleaned() -> Result<()> {
-    const BOUND: u64 = 100_000;
-    let node = Node::start(NodeOptions::default()).await?;
-    let (toml, dirs) = archive_config(&node, &format!("restored_max_bytes = {BOUND}"));
-    let mut proxy = ProxyProcess::start(&node, &toml).await?;
-    let cri = proxy.cri().await?;
-    let pod = cri.run_pod(&PodSpec::new("restored")).await?;
-    let mut ids = Vec::new();
-    for attempt in 0..5 {
-        // About 40 KB of log each (30 KB of base64 plus the CRI prefixes).
-        let mut container = ContainerSpec::new(
-            "noise",
-            &["sh", "-c", "head -c 22000 /dev/urandom | base64"],
-        );
-        container.attempt = attempt;
-        let id = cri.run_container(&pod, &container).await?;
-        cri.wait_exited(&id, WAIT).await?;
-        cri.remove_container_like_kubelet(&id).await?;
-        ids.push(id);
-    }
-    wait_archived(&dirs, &ids).await?;
-    for id in &ids {
-        let status = cri
-            .container_status(id, false)
-            .await?
-            .status
-            .context("no status")?;
-        // The copy being served is always there, whole.
-        let lines = read_messages(Path::new(&status.log_path), "stdout")?;
-        assert!(lines.len() > 300, "{} lines", lines.len());
-        let size = dir_bytes(&dirs.restored);
-        assert!(
-            size <= BOUND,
-            "restored copies take {size} bytes (bound {BOUND})"
-        );
-    }
-    // The most recently served is kept; the first ones were evicted.
-    assert!(dirs
-        .restored
-        .join(ids.last().unwrap())
-        .join("restored.log")
-        .is_file());
-    assert!(!dirs.restored.join(&ids[0]).exists());
-    // kubelet repeats a removal: nothing of the copy is left once it is done.
-    let last = ids.last().unwrap();
-    let status = cri
-        .container_status(last, false)
-        .await?
-        .status
-        .context("no status")?;
-    for file in files_with_prefix(Path::new(&status.log_path))? {
-        std::fs::remove_file(file)?;
-    }
-    cri.container_status(last, false).await?;
-    let _ = cri.remove_container(last).await;
-    assert!(
-        !dirs.restored.join(last).exists(),
-        "a restored copy is left behind"
-    );
-    // Leftovers of an earlier run: a copy of a container not archived, a half-written copy.
-    let stray = dirs.restored.join("f".repeat(64));
-    std::fs::create_dir_all(&stray)?;
-    std::fs::write(stray.join("restored.log"), "stray\n")?;
-    std::fs::create_dir_all(dirs.restored.join(&ids[2]))?;
-    std::fs::write(dirs.restored.join(&ids[2]).join(".tmp.copy.1.1"), "half")?;
-    proxy.restart().await?;
-    assert!(!stray.exists(), "a stray copy survived the restart");
-    assert!(
-        !dirs.restored.join(&ids[2]).exists(),
-        "a half-written copy survived"
-    );
     Ok(())
 }

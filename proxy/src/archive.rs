@@ -57,7 +57,7 @@ pub use handlers::{
     ContainerStatus, RemoveContainer, RemovePodSandbox, ReopenContainerLog, StartContainer,
 };
 use metrics::Metrics;
-use restore::RestoreError;
+use restore::{RestoreError, Restored};
 use staging::{LogLocation, Staging, StagingError};
 use store::{ContainerMeta, Entry, Store, StoreError};
 
@@ -166,6 +166,8 @@ pub struct Archive {
     cgroup_records: PathBuf,
     /// What CreateContainer said about containers not started yet.
     lifecycle: Arc<Lifecycle>,
+    /// The decompressed copies served to kubelet: their one owner.
+    restored: Arc<Restored>,
 }
 
 impl Archive {
@@ -185,6 +187,13 @@ impl Archive {
         let store = Store::new(&config.dir, config.compression_level);
         let entries = store.recover()?;
         let (sender, receiver) = mpsc::channel();
+        let metrics = Metrics::register(registry);
+        let restored = Arc::new(Restored::new(
+            &config.restored_dir,
+            config.restored_max_bytes,
+            Duration::from_secs(config.restored_lease_seconds),
+            metrics.restored.clone(),
+        ));
         let archive = Arc::new(Archive {
             config: config.clone(),
             upstream,
@@ -199,19 +208,15 @@ impl Archive {
             }),
             jobs: Mutex::new(sender),
             progress: tokio::sync::watch::channel(0).0,
-            metrics: Metrics::register(registry),
+            metrics,
             cgroup_records: cgroup_records.to_path_buf(),
             lifecycle,
+            restored,
         });
         archive.update_gauges();
         // Copies a previous run left: of containers no longer archived, half-written, or
         // beyond the bound.
-        restore::bound(
-            &config.restored_dir,
-            config.restored_max_bytes,
-            None,
-            &archive.complete_ids(),
-        );
+        archive.restored.bound(&archive.complete_ids());
         let weak = Arc::downgrade(&archive);
         worker::spawn(weak, receiver).map_err(|source| StoreError::Root {
             path: config.dir.clone(),
@@ -263,11 +268,29 @@ impl Archive {
             .collect()
     }
 
-    /// Removes a container's restored copy, on the blocking pool.
+    /// Removes a container's restored copy, on the blocking pool: now, or when the lease of a
+    /// copy in use ends (a task looks again then).
     async fn remove_restored(&self, id: &ContainerId) {
-        let root = self.config.restored_dir.clone();
+        let release = |restored: Arc<Restored>, id: ContainerId, again: bool| {
+            tokio::task::spawn_blocking(move || match again {
+                false => restored.release(&id),
+                true => restored.release_again(&id),
+            })
+        };
+        let Ok(Some(mut when)) = release(self.restored.clone(), id.clone(), false).await else {
+            return;
+        };
+        let restored = self.restored.clone();
         let id = id.clone();
-        let _ = tokio::task::spawn_blocking(move || restore::remove(&root, &id)).await;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep_until(when.into()).await;
+                match release(restored.clone(), id.clone(), true).await {
+                    Ok(Some(next)) => when = next,
+                    _ => return,
+                }
+            }
+        });
     }
 
     /// Whether dockhand saw containerd remove this container: its removal was forwarded and

@@ -130,6 +130,9 @@ pub struct ArchiveConfig {
     pub serve_kubelet: bool,
     /// Upper bound of the restored copies' total size; least recently used go first.
     pub restored_max_bytes: u64,
+    /// How long a restored copy's path stays readable after it was handed out, whatever else is
+    /// evicted meanwhile (kubelet opens it right after ContainerStatus).
+    pub restored_lease_seconds: u64,
 }
 
 impl Default for ArchiveConfig {
@@ -146,6 +149,7 @@ impl Default for ArchiveConfig {
             compression_level: 3,
             serve_kubelet: true,
             restored_max_bytes: 256 << 20,
+            restored_lease_seconds: 60,
         }
     }
 }
@@ -200,6 +204,12 @@ impl ArchiveConfig {
                     format!("{restored} is under kubelet's {kubelet_dir}"),
                 );
             }
+        }
+        if self.restored_lease_seconds == 0 {
+            return invalid(
+                "archive.restored_lease_seconds",
+                "must be at least 1 (a path handed out must stay readable)".into(),
+            );
         }
         if self.min_free_percent > 100 {
             return invalid("archive.min_free_percent", "must be at most 100".into());

@@ -301,23 +301,11 @@ async fn archived_status(archive: &Archive, id: &ContainerId) -> Option<Vec<u8>>
         return None;
     }
     let store = archive.store.clone();
-    let root = archive.config.restored_dir.clone();
-    let bound = archive.config.restored_max_bytes;
+    let restored = archive.restored.clone();
     let archived = archive.complete_ids();
     let restored = {
         let id = id.clone();
-        tokio::task::spawn_blocking(move || {
-            // Only a new copy can take the restored copies over their bound: kubelet asks for an
-            // archived container again and again, and the walk of every copy is not needed then.
-            let existed = std::fs::symlink_metadata(restore::restored_path(&root, &id))
-                .is_ok_and(|m| m.is_file());
-            let path = restore::ensure(&store, &root, &id)?;
-            if !existed {
-                restore::bound(&root, bound, Some(&id), &archived);
-            }
-            Ok::<_, restore::RestoreError>(path)
-        })
-        .await
+        tokio::task::spawn_blocking(move || restored.serve(&store, &id, &archived)).await
     };
     let path = match restored {
         Ok(Ok(path)) => path,

@@ -6,6 +6,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use super::restore::RestoredMetrics;
+
 /// Why a container's log could not be kept (`dockhand_archive_lost_logs_total{reason}`).
 const LOST_REASONS: [&str; 8] = [
     "no_space",
@@ -30,6 +32,7 @@ pub(super) struct Metrics {
     pub(super) input_bytes: Counter,
     pub(super) dropped: Family<ReasonLabels, Counter>,
     pub(super) lost: Family<ReasonLabels, Counter>,
+    pub(super) restored: RestoredMetrics,
 }
 
 impl Metrics {
@@ -41,6 +44,7 @@ impl Metrics {
             input_bytes: Counter::default(),
             dropped: Family::default(),
             lost: Family::default(),
+            restored: RestoredMetrics::default(),
         };
         registry.register(
             "dockhand_archive_bytes",
@@ -71,6 +75,21 @@ impl Metrics {
             "dockhand_archive_lost_logs",
             "Container logs that could not be staged or archived, by reason",
             metrics.lost.clone(),
+        );
+        registry.register(
+            "dockhand_archive_restored_bytes",
+            "Size of the decompressed copies served to kubelet, after the last cleanup",
+            metrics.restored.bytes.clone(),
+        );
+        registry.register(
+            "dockhand_archive_restored_over_bound_bytes",
+            "Bytes of restored copies over archive.restored_max_bytes, kept because their paths are leased to callers",
+            metrics.restored.over_bound.clone(),
+        );
+        registry.register(
+            "dockhand_archive_restored_leased",
+            "Restored copies whose paths are leased to callers now",
+            metrics.restored.leased.clone(),
         );
         // Every reason at 0 from the start, so alerts see the series before the first event.
         for reason in ["max_age", "max_bytes", "min_free"] {

@@ -1,6 +1,8 @@
+use std::collections::HashSet;
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use dockhand_protos::cri::ContainerState;
 
@@ -377,17 +379,39 @@ fn complete_keeps_earlier_metadata_and_remove_drops_everything() {
 
 // ---- restore --------------------------------------------------------------------------------
 
+fn restored(root: &Path, max_bytes: u64, lease: Duration) -> restore::Restored {
+    restore::Restored::new(root, max_bytes, lease, Default::default())
+}
+
+fn numbered(n: usize) -> ContainerId {
+    ContainerId::parse(&format!("{n:064x}")).unwrap()
+}
+
+/// A store with `count` archived containers of `lines` log lines each.
+fn store_of(dir: &Path, count: usize, lines: usize) -> (Store, HashSet<ContainerId>, String) {
+    let store = Store::new(&dir.join("archive"), 3);
+    let text: String = (0..lines)
+        .map(|i| format!("2024-01-01T00:00:00.000000001Z stdout F line {i} of the job\n"))
+        .collect();
+    let mut ids = HashSet::new();
+    for n in 0..count {
+        let id = numbered(n);
+        store
+            .append_generation(&meta(&id), 1, &mut text.as_bytes())
+            .unwrap();
+        ids.insert(id);
+    }
+    (store, ids, text)
+}
+
 #[test]
 fn restored_copy_is_alone_in_its_directory_and_comes_back() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::new(&dir.path().join("archive"), 3);
-    let text = "2024-01-01T00:00:00.000000001Z stdout F Hello, Kubernetes!\n";
-    store
-        .append_generation(&meta(&id()), 1, &mut text.as_bytes())
-        .unwrap();
+    let (store, archived, text) = store_of(dir.path(), 1, 1);
     let root = dir.path().join("restored");
-    let path = restore::ensure(&store, &root, &id()).unwrap();
-    assert_eq!(path, root.join(ID).join("restored.log"));
+    let copies = restored(&root, 1 << 20, Duration::from_secs(60));
+    let path = copies.serve(&store, &numbered(0), &archived).unwrap();
+    assert_eq!(path, root.join(numbered(0).as_str()).join("restored.log"));
     assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
     // kubelet's repeated removal: everything matching `<log_path>*` goes.
     let siblings: Vec<_> = std::fs::read_dir(path.parent().unwrap())
@@ -397,9 +421,150 @@ fn restored_copy_is_alone_in_its_directory_and_comes_back() {
         .collect();
     assert_eq!(siblings, vec![std::ffi::OsString::from("restored.log")]);
     std::fs::remove_file(&path).unwrap();
-    let again = restore::ensure(&store, &root, &id()).unwrap();
+    let again = copies.serve(&store, &numbered(0), &archived).unwrap();
     assert_eq!(std::fs::read_to_string(again).unwrap(), text);
-    assert!(store.entry(&id()).unwrap().is_some());
+    assert!(store.entry(&numbered(0)).unwrap().is_some());
+}
+
+/// Issue 24.1: parallel first reads of different containers, each request's cleanup running
+/// beside the others' writes: every caller gets a whole copy at the path it was given.
+#[test]
+fn parallel_first_reads_each_get_their_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, archived, text) = store_of(dir.path(), 8, 4000);
+    let root = dir.path().join("restored");
+    let copies = restored(&root, 256 << 20, Duration::from_secs(60));
+    for round in 0..20 {
+        let _ = std::fs::remove_dir_all(&root);
+        let gate = std::sync::Barrier::new(8);
+        std::thread::scope(|scope| {
+            for id in &archived {
+                let (copies, store, archived, gate, text) =
+                    (&copies, &store, &archived, &gate, &text);
+                scope.spawn(move || {
+                    gate.wait();
+                    let path = copies.serve(store, id, archived).unwrap_or_else(|e| {
+                        panic!("round {round}: {id}: {e}");
+                    });
+                    assert_eq!(
+                        &std::fs::read_to_string(&path).unwrap(),
+                        text,
+                        "round {round}"
+                    );
+                });
+            }
+        });
+    }
+}
+
+/// Issue 23: the worker's cleanup (after every archived container) runs while requests write
+/// new copies; it never takes a copy being written for a leftover.
+#[test]
+fn the_cleanup_never_removes_a_copy_being_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, archived, text) = store_of(dir.path(), 4, 4000);
+    let root = dir.path().join("restored");
+    // Leases short enough that every round's copies have been cleaned up and are written anew,
+    // long enough for the reader to open the path under a loaded machine.
+    let lease = Duration::from_millis(200);
+    let copies = restored(&root, 256 << 20, lease);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                // The worker's view: nothing spared but what is in use.
+                copies.bound(&HashSet::new());
+            }
+        });
+        for round in 0..20 {
+            for id in &archived {
+                let path = copies.serve(&store, id, &archived).unwrap_or_else(|e| {
+                    panic!("round {round}: {id}: {e}");
+                });
+                assert_eq!(
+                    std::fs::read_to_string(&path).unwrap(),
+                    text,
+                    "round {round}"
+                );
+            }
+            std::thread::sleep(lease + Duration::from_millis(50));
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+}
+
+/// Issue 24.2: a path handed out stays readable while its lease holds, over the bound and
+/// through a cleanup that spares nothing; the bound holds again once the leases end, and the
+/// gauges say so.
+#[test]
+fn a_leased_copy_outlives_the_bound_until_its_lease_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, archived, _) = store_of(dir.path(), 3, 100);
+    let root = dir.path().join("restored");
+    let metrics = restore::RestoredMetrics::default();
+    let lease = Duration::from_secs(1);
+    let copies = restore::Restored::new(&root, 1024, lease, metrics.clone());
+    let paths: Vec<PathBuf> = (0..3)
+        .map(|n| copies.serve(&store, &numbered(n), &archived).unwrap())
+        .collect();
+    copies.evict_all();
+    for path in &paths {
+        assert!(
+            path.is_file(),
+            "{} was removed while leased",
+            path.display()
+        );
+    }
+    assert_eq!(metrics.leased.get(), 3);
+    assert!(metrics.over_bound.get() > 0);
+    std::thread::sleep(lease + Duration::from_millis(50));
+    copies.bound(&archived);
+    assert!(
+        paths.iter().all(|p| !p.exists()),
+        "expired copies over the bound stay"
+    );
+    assert_eq!(metrics.over_bound.get(), 0);
+    assert_eq!(metrics.leased.get(), 0);
+    // Within the bound, an expired copy stays (it is only no longer protected).
+    let big = restore::Restored::new(&root, 1 << 20, lease, metrics.clone());
+    let path = big.serve(&store, &numbered(0), &archived).unwrap();
+    std::thread::sleep(lease + Duration::from_millis(50));
+    big.bound(&archived);
+    assert!(path.is_file());
+    // Not archived any more and not leased: a leftover.
+    big.bound(&HashSet::new());
+    assert!(!path.exists());
+}
+
+/// kubelet removes an archived container again while its copy is leased: it goes once the
+/// lease ends, unless it was served again meanwhile.
+#[test]
+fn a_release_waits_for_the_lease_and_yields_to_a_new_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, archived, _) = store_of(dir.path(), 1, 10);
+    let root = dir.path().join("restored");
+    let lease = Duration::from_millis(200);
+    let copies = restored(&root, 1 << 20, lease);
+    let id = numbered(0);
+    let path = copies.serve(&store, &id, &archived).unwrap();
+    let when = copies.release(&id).expect("a leased copy waits");
+    assert!(path.is_file());
+    assert_eq!(copies.release_again(&id), Some(when));
+    std::thread::sleep(when.saturating_duration_since(std::time::Instant::now()));
+    assert_eq!(copies.release_again(&id), None);
+    assert!(!path.parent().unwrap().exists());
+    // Released, then read again before the lease ended: the read wins.
+    let path = copies.serve(&store, &id, &archived).unwrap();
+    let when = copies.release(&id).unwrap();
+    let path2 = copies.serve(&store, &id, &archived).unwrap();
+    assert_eq!(path, path2);
+    std::thread::sleep(when.saturating_duration_since(std::time::Instant::now()));
+    assert_eq!(copies.release_again(&id), None);
+    assert!(path.is_file());
+    // Not in use: removed at once.
+    std::thread::sleep(lease);
+    assert_eq!(copies.release(&id), None);
+    assert!(!path.exists());
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::sync::Weak;
 use super::metrics::ReasonLabels;
 use super::retention::{self, Candidate, Policy};
 use super::store::{self, Appended, ContainerMeta, Entry};
-use super::{restore, Archive, ArchiveError, Job, RETENTION_INTERVAL};
+use super::{Archive, ArchiveError, Job, RETENTION_INTERVAL};
 use dockhand_host::fs as nofollow;
 use dockhand_host::ContainerId;
 
@@ -320,22 +320,16 @@ impl Worker<'_> {
                 break;
             }
         }
-        restore::bound(
-            &self.archive.config.restored_dir,
-            self.archive.config.restored_max_bytes,
-            None,
-            &self.archive.complete_ids(),
-        );
+        self.archive.restored.bound(&self.archive.complete_ids());
         self.archive.update_gauges();
     }
 
     /// Short of space: restored copies go before any archived container (kubelet gets a new
     /// one on demand). False when there were none.
     fn evict_restored_for_space(&self) -> bool {
-        let root = &self.archive.config.restored_dir;
-        let removed = restore::bound(root, 0, None, &std::collections::HashSet::new());
+        let removed = self.archive.restored.evict_all();
         if removed > 0 {
-            tracing::info!(dir = %root.display(), removed, "short of space: restored copies removed first");
+            tracing::info!(dir = %self.archive.restored.root().display(), removed, "short of space: restored copies removed first");
         }
         removed > 0
     }
@@ -346,8 +340,9 @@ impl Worker<'_> {
             tracing::error!(container_id = %id, error = %e, "retention cannot drop an archived container");
             return false;
         }
-        restore::remove(&self.archive.config.restored_dir, id);
         self.archive.state().archived.remove(id);
+        // A copy in use stays until its lease ends; the next cleanup removes it then.
+        self.archive.restored.release(id);
         self.archive
             .metrics
             .dropped
