@@ -45,6 +45,17 @@ pub struct Created {
     pub annotations: HashMap<String, String>,
     /// When containerd answered CreateContainer (nanoseconds since the epoch).
     pub created_at: i64,
+    /// The pod's namespace, name and uid from the sandbox config's metadata: what the archive
+    /// keeps when the `io.kubernetes.pod.*` labels are missing (CRI clients other than kubelet).
+    pub pod: PodRef,
+}
+
+/// A pod as its sandbox's metadata names it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
 }
 
 impl Created {
@@ -84,6 +95,16 @@ impl Created {
             labels: config.labels.clone(),
             annotations: config.annotations.clone(),
             created_at: now_nanos(),
+            pod: request
+                .sandbox_config
+                .as_ref()
+                .and_then(|s| s.metadata.as_ref())
+                .map(|m| PodRef {
+                    namespace: m.namespace.clone(),
+                    name: m.name.clone(),
+                    uid: m.uid.clone(),
+                })
+                .unwrap_or_default(),
         }
     }
 

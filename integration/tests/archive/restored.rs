@@ -338,3 +338,36 @@ async fn restored_copies_are_bounded_and_cleaned() -> Result<()> {
     );
     Ok(())
 }
+
+/// Issue 24 (seen beside): a container another CRI client created, without kubelet's
+/// `io.kubernetes.pod.*` labels, is archived under the pod its sandbox's metadata names, not as
+/// `pod=/`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_container_without_kubelet_labels_is_archived_under_its_pod() -> Result<()> {
+    let node = Node::start(NodeOptions::default()).await?;
+    let (toml, dirs) = archive_config(&node, "");
+    let proxy = ProxyProcess::start(&node, &toml).await?;
+    let cri = proxy.cri().await?;
+    let mut spec = PodSpec::new("unlabelled");
+    spec.namespace = "tools".into();
+    let pod = cri.run_pod(&spec).await?;
+    let mut config = cri
+        .container_config(&pod.spec, &counter("probe", 3, 3))
+        .await?;
+    config
+        .labels
+        .retain(|key, _| !key.starts_with("io.kubernetes."));
+    let id = cri.create_container_config(&pod, config).await?;
+    cri.start_container(&id).await?;
+    cri.wait_exited(&id, WAIT).await?;
+    cri.remove_container_like_kubelet(&id).await?;
+    let entries = wait_archived(&dirs, std::slice::from_ref(&id)).await?;
+    let entry = entries
+        .iter()
+        .find(|e| e["id"] == id.as_str())
+        .context("not listed")?;
+    assert_eq!(entry["namespace"], "tools", "{entry:#}");
+    assert_eq!(entry["pod"], "unlabelled", "{entry:#}");
+    assert_eq!(entry["pod_uid"], spec.uid.as_str(), "{entry:#}");
+    Ok(())
+}

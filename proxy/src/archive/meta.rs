@@ -5,7 +5,7 @@ use dockhand_protos::cri::{ContainerState, ContainerStatus};
 
 use super::store::now_nanos;
 use super::store::ContainerMeta;
-use crate::lifecycle::Created;
+use crate::lifecycle::{Created, PodRef};
 
 /// A non-empty string at `path` in containerd's verbose `info` JSON.
 pub(super) fn info_field(info: &serde_json::Value, path: &[&str]) -> Option<String> {
@@ -57,7 +57,7 @@ pub fn meta_from_status(id: &ContainerId, status: &ContainerStatus) -> Container
 /// dockhand saw containerd answer.
 pub fn meta_from_created(id: &ContainerId, created: &Created) -> ContainerMeta {
     let label = |key: &str| created.labels.get(key).cloned().unwrap_or_default();
-    ContainerMeta {
+    let mut meta = ContainerMeta {
         id: id.clone(),
         namespace: label("io.kubernetes.pod.namespace"),
         pod: label("io.kubernetes.pod.name"),
@@ -78,5 +78,24 @@ pub fn meta_from_created(id: &ContainerId, created: &Created) -> ContainerMeta {
         annotations: created.annotations.clone().into_iter().collect(),
         log_path: created.log_path.clone(),
         cgroup: None,
+    };
+    meta.name_pod_when_unlabelled(&created.pod);
+    meta
+}
+
+impl ContainerMeta {
+    /// The pod's namespace, name and uid from its sandbox's metadata where the container has
+    /// no `io.kubernetes.pod.*` labels (containers created by CRI clients other than kubelet),
+    /// so that the archive never lists them as `pod=/`.
+    pub fn name_pod_when_unlabelled(&mut self, pod: &PodRef) {
+        for (field, from_sandbox) in [
+            (&mut self.namespace, &pod.namespace),
+            (&mut self.pod, &pod.name),
+            (&mut self.pod_uid, &pod.uid),
+        ] {
+            if field.is_empty() {
+                field.clone_from(from_sandbox);
+            }
+        }
     }
 }

@@ -13,6 +13,7 @@ use super::meta::{info_field, meta_from_created, meta_from_status};
 use super::staging::{self, StagingError};
 use super::store::ContainerMeta;
 use super::{Archive, ArchiveError, Job, Staged, CONTAINER_STATUS, POD_SANDBOX_STATUS};
+use crate::lifecycle::PodRef;
 
 /// Where a container's log is, and what is kept about it.
 struct Found {
@@ -128,7 +129,7 @@ pub(super) async fn stage(
 /// containerd's verbose ContainerStatus, then its sandbox's verbose PodSandboxStatus.
 async fn ask_containerd(archive: &Archive, id: &ContainerId) -> Result<Found, ArchiveError> {
     let (status, info) = container_status(archive, id).await?;
-    let meta = meta_from_status(id, &status);
+    let mut meta = meta_from_status(id, &status);
     if meta.log_path.is_empty() {
         return Ok(Found {
             meta,
@@ -141,7 +142,8 @@ async fn ask_containerd(archive: &Archive, id: &ContainerId) -> Result<Found, Ar
         id: id.to_string(),
         field: "sandboxID",
     })?;
-    let log_directory = sandbox_log_directory(archive, &sandbox_id).await?;
+    let (log_directory, pod) = sandbox_log_directory(archive, &sandbox_id).await?;
+    meta.name_pod_when_unlabelled(&pod);
     Ok(Found {
         meta,
         sandbox_id,
@@ -174,11 +176,12 @@ pub(super) async fn container_status(
     Ok((status, info))
 }
 
-/// The sandbox's `log_directory`, from containerd's verbose PodSandboxStatus.
+/// The sandbox's `log_directory` and the pod its metadata names, from containerd's verbose
+/// PodSandboxStatus.
 async fn sandbox_log_directory(
     archive: &Archive,
     sandbox_id: &str,
-) -> Result<String, ArchiveError> {
+) -> Result<(String, PodRef), ArchiveError> {
     let response: PodSandboxStatusResponse = archive
         .upstream
         .call(
@@ -191,13 +194,23 @@ async fn sandbox_log_directory(
         .await
         .map_err(upstream_error("sandbox", sandbox_id))?;
     let info = info_json(&response.info);
-    info_field(&info, &["config", "log_directory"])
+    let log_directory = info_field(&info, &["config", "log_directory"])
         .or_else(|| info_field(&info, &["config", "logDirectory"]))
         .ok_or_else(|| ArchiveError::Info {
             what: "sandbox",
             id: sandbox_id.to_string(),
             field: "config.log_directory",
+        })?;
+    let pod = response
+        .status
+        .and_then(|s| s.metadata)
+        .map(|m| PodRef {
+            namespace: m.namespace,
+            name: m.name,
+            uid: m.uid,
         })
+        .unwrap_or_default();
+    Ok((log_directory, pod))
 }
 
 fn upstream_error<'a>(
