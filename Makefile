@@ -2,9 +2,9 @@
 CARGO ?= cargo
 PREFIX ?= /usr/local
 DEBIAN_PACKAGES := containerd runc busybox-static protobuf-compiler gcc libc6-dev util-linux iproute2 procps \
-	containernetworking-plugins docker-registry python3-venv
+	containernetworking-plugins docker-registry python3-venv libseccomp-dev pkg-config
 
-.PHONY: deps tools build test test-vm lint bench demo install containerd critest
+.PHONY: deps tools build test test-vm lint bench demo install containerd critest runc
 
 # Install the Debian packages the build, tests and demo need (skipped when all are present).
 deps:
@@ -41,7 +41,9 @@ $(GRPCIO_VENV)/.grpcio-$(GRPCIO_VERSION): tools/grpcio-driver/requirements.txt
 # containerd versions the integration suite runs against, each in target/containerd/<v>/bin:
 # 1.6 is Debian 12's own package; 1.7 (trixie) and 2.1 (sid) are extracted from Debian's archive
 # with apt lists of their own (the system's sources and containerd stay as they are); 2.3 is built
-# from its Go module (tools/go.mod). Every version keeps Debian 12's runc 1.1.5.
+# from its Go module (tools/go.mod). 1.6 and 1.7 run Debian 12's runc 1.1.5, as those nodes have
+# it; the 2.x versions run runc $(RUNC_VERSION) (target/runc, `make runc`), given to containerd as
+# the runc options' BinaryName.
 CONTAINERD_VERSIONS := 1.6 1.7 2.1 2.3
 CONTAINERD_DIR := $(CURDIR)/target/containerd
 containerd: $(addprefix containerd-,$(CONTAINERD_VERSIONS))
@@ -52,10 +54,21 @@ containerd-1.7:
 containerd-2.1:
 	@[ -x $(CONTAINERD_DIR)/2.1/bin/containerd ] || \
 		tools/debian-containerd.sh sid 2.1.9+ds1-5 $(CONTAINERD_DIR)/2.1
-containerd-2.3:
+containerd-2.3: runc
 	@[ -x $(CONTAINERD_DIR)/2.3/bin/containerd ] || (cd tools && go build -tags 'no_btrfs no_zfs' \
 		-o $(CONTAINERD_DIR)/2.3/bin/ github.com/containerd/containerd/v2/cmd/containerd \
 		github.com/containerd/containerd/v2/cmd/ctr github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2)
+
+# runc for the 2.x nodes, built from its Go module (tools/runc/go.mod) with seccomp (Debian's
+# libseccomp-dev and pkg-config, in deps): without the tag every sandbox fails ("seccomp: config
+# provided but seccomp not supported").
+RUNC_VERSION := 1.5.3
+RUNC_DIR := $(CURDIR)/target/runc/$(RUNC_VERSION)
+runc: deps
+	@if [ ! -x $(RUNC_DIR)/runc ]; then \
+		grep -q 'github.com/opencontainers/runc v$(RUNC_VERSION) ' tools/runc/go.mod || \
+			{ echo "runc: tools/runc/go.mod does not pin runc $(RUNC_VERSION)"; exit 1; }; \
+		cd tools/runc && go build -trimpath -tags seccomp -o $(RUNC_DIR)/runc github.com/opencontainers/runc; fi
 
 # Build every binary (dockhand, containerd-shim-dockhand-v2, the demo).
 build: deps
