@@ -1,6 +1,6 @@
 //! Which containerd a [`crate::Node`] runs, and the config file that version reads.
 //!
-//! `DOCKHAND_CONTAINERD` picks the release line (`1.6`, the default, `1.7`, `2.1` or `2.3`); its
+//! `DOCKHAND_CONTAINERD` picks the release line (`1.6`, the default, `1.7`, `2.3` or `2.4`); its
 //! binaries (`containerd`, `ctr`, `containerd-shim-runc-v2`) come from `DOCKHAND_CONTAINERD_BIN`,
 //! else `<target>/containerd/<version>/bin` (what `make containerd-<version>` fills), else, for
 //! 1.6 only, the system's (Debian 12's package). The binary's own `--version` must match the line
@@ -32,22 +32,22 @@ pub enum Version {
     V1_6,
     /// Debian 13's 1.7.24.
     V1_7,
-    /// Debian sid's 2.1.9.
-    V2_1,
     /// The 2.3 LTS, built from its Go module (`tools/go.mod`).
     V2_3,
+    /// 2.4, built from its Go module (`tools/containerd-2.4/go.mod`).
+    V2_4,
 }
 
 impl Version {
-    pub const ALL: [Version; 4] = [Version::V1_6, Version::V1_7, Version::V2_1, Version::V2_3];
+    pub const ALL: [Version; 4] = [Version::V1_6, Version::V1_7, Version::V2_3, Version::V2_4];
 
-    /// `1.6`, `1.7`, `2.1`, `2.3`.
+    /// `1.6`, `1.7`, `2.3`, `2.4`.
     pub fn as_str(self) -> &'static str {
         match self {
             Version::V1_6 => "1.6",
             Version::V1_7 => "1.7",
-            Version::V2_1 => "2.1",
             Version::V2_3 => "2.3",
+            Version::V2_4 => "2.4",
         }
     }
 
@@ -59,7 +59,7 @@ impl Version {
 
     /// Whether the config is `version = 3` with the split CRI plugins (2.x).
     pub fn is_v2(self) -> bool {
-        self >= Version::V2_1
+        self >= Version::V2_3
     }
 }
 
@@ -76,7 +76,7 @@ impl std::str::FromStr for Version {
         Version::ALL
             .into_iter()
             .find(|v| v.as_str() == s)
-            .ok_or_else(|| anyhow!("unknown containerd version {s:?} (known: 1.6, 1.7, 2.1, 2.3)"))
+            .ok_or_else(|| anyhow!("unknown containerd version {s:?} (known: 1.6, 1.7, 2.3, 2.4)"))
     }
 }
 
@@ -342,7 +342,7 @@ mod tests {
         assert!("1.5".parse::<Version>().is_err());
         assert!(!Version::V1_6.honours_runtime_path());
         assert!(Version::V1_7.honours_runtime_path() && !Version::V1_7.is_v2());
-        assert!(Version::V2_1.is_v2() && Version::V2_3.is_v2());
+        assert!(Version::V2_3.is_v2() && Version::V2_4.is_v2());
     }
 
     /// Both dialects are valid TOML with the keys where each version reads them.
@@ -412,7 +412,7 @@ mod tests {
             ..ConfigParams::default()
         };
         let dir = Path::new("/tmp/dockhand-node-x");
-        for version in [Version::V1_7, Version::V2_1, Version::V2_3] {
+        for version in [Version::V1_7, Version::V2_3, Version::V2_4] {
             let ours: toml::Value = toml::from_str(&config(version, dir, &params)).unwrap();
             let snippet = snippets
                 .iter()
