@@ -15,7 +15,7 @@ deps:
 # critest: cri-tools' conformance suite, a test binary, built from tools/critest/go.mod, and the
 # ginkgo CLI of the same module, which critest -parallel runs), and the real-client drivers.
 TOOLS_BIN := $(CURDIR)/target/tools/bin
-CRI_TOOLS_VERSION := v1.34.0
+CRI_TOOLS_VERSION := v1.37.0
 GRPCIO_VENV := $(CURDIR)/target/tools/venv
 GRPCIO_VERSION := 1.76.0
 tools: $(TOOLS_BIN)/cri-driver $(GRPCIO_VENV)/.grpcio-$(GRPCIO_VERSION)
@@ -23,8 +23,12 @@ tools: $(TOOLS_BIN)/cri-driver $(GRPCIO_VENV)/.grpcio-$(GRPCIO_VERSION)
 	@if [ ! -e $(TOOLS_BIN)/.cri-tools-$(CRI_TOOLS_VERSION) ]; then \
 		GOBIN=$(TOOLS_BIN) go install sigs.k8s.io/cri-tools/cmd/crictl@$(CRI_TOOLS_VERSION) && \
 		touch $(TOOLS_BIN)/.cri-tools-$(CRI_TOOLS_VERSION); fi
-	@[ -x $(TOOLS_BIN)/critest ] || (cd tools/critest && go test -c -o $(TOOLS_BIN)/critest sigs.k8s.io/cri-tools/cmd/critest)
-	@[ -x $(TOOLS_BIN)/ginkgo ] || (cd tools/critest && go build -o $(TOOLS_BIN)/ginkgo github.com/onsi/ginkgo/v2/ginkgo)
+	@if [ ! -e $(TOOLS_BIN)/.critest-$(CRI_TOOLS_VERSION) ]; then \
+		grep -q 'sigs.k8s.io/cri-tools $(CRI_TOOLS_VERSION)$$' tools/critest/go.mod || \
+			{ echo "tools: tools/critest/go.mod does not pin cri-tools $(CRI_TOOLS_VERSION)"; exit 1; }; \
+		(cd tools/critest && go test -c -o $(TOOLS_BIN)/critest sigs.k8s.io/cri-tools/cmd/critest && \
+			go build -o $(TOOLS_BIN)/ginkgo github.com/onsi/ginkgo/v2/ginkgo) && \
+		touch $(TOOLS_BIN)/.critest-$(CRI_TOOLS_VERSION); fi
 
 # The real-client drivers of integration/src/clients.rs: cri-driver (kubelet's k8s.io/cri-client
 # and grpc-go, pinned in tools/cri-driver/go.mod; rebuilt when its sources change) and a venv with
@@ -89,8 +93,10 @@ test: build tools containerd
 	done; [ -z "$$failed" ] || { echo "test: failed on containerd$$failed"; exit 1; }
 
 # critest straight against containerd and through dockhand (proxy + shim), on the oldest and the
-# newest containerd; the results must be equal spec by spec (skips: integration/critest-skip.txt).
-CRITEST_VERSIONS := 1.6 2.3
+# newest containerd: the specs that pass through dockhand must be those that pass direct, and each
+# side must pass at least the minimum measured for that version (integration/src/critest.rs,
+# MIN_PASSED), so a harness that breaks both sides fails too (skips: integration/critest-skip.txt).
+CRITEST_VERSIONS := 1.6 2.4
 critest: build tools containerd
 	@for v in $(CRITEST_VERSIONS); do \
 		start=$$(date +%s); \
