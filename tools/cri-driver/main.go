@@ -211,7 +211,14 @@ func (d *driver) grpcCall(call Call) Result {
 // what it returns as the method's response message.
 func (d *driver) kubeletCall(call Call) Result {
 	if d.kubelet == nil {
-		service, err := remote.NewRemoteRuntimeService("unix://"+d.socket, kubeletTO, nil, nil)
+		// As kubelet 1.37 builds it (pkg/kubelet PreInitRuntimeService): its default tracer
+		// provider (a no-op one) and the list RPCs unary (feature gate CRIListStreaming, alpha,
+		// off by default).
+		service, err := remote.NewRemoteRuntimeServiceBuilder().
+			WithEndpoint("unix://" + d.socket).
+			WithConnectionTimeout(kubeletTO).
+			WithUseStreaming(false).
+			Build(context.Background())
 		if err != nil {
 			return fromError(err)
 		}
