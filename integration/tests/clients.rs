@@ -277,15 +277,13 @@ async fn compare(client: Client) -> Result<()> {
         );
     }
     assert!(step(&steps, "ContainerStatus running").contains("ContainerRunning"));
-    // containerd 1.7+ sends the container's four events; 1.6 has no GetContainerEvents. (The
-    // grpc-go driver's raw stream receives no event, straight from containerd as through
-    // dockhand, on 1.7, 2.3 and 2.4 (measured): that stream is compared, not held to the four.)
+    // containerd 1.7+ sends the container's four events; 1.6 has no GetContainerEvents.
     let events = step(&steps, "GetContainerEvents carried");
     let closed = step(&steps, "GetContainerEvents closed");
     if Containerd::selected()?.version == Version::V1_6 {
         assert!(closed.starts_with("Err(Unimplemented"), "{closed}");
         assert_eq!(events, "", "{events}");
-    } else if client != Client::GrpcGo {
+    } else {
         assert_eq!(
             events,
             "ContainerCreatedEvent <container>, ContainerStartedEvent <container>, \

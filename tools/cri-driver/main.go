@@ -381,7 +381,9 @@ func (d *driver) streamStart(call Call) Result {
 			var message []byte
 			if err := cs.RecvMsg(&message); err != nil {
 				if err != io.EOF {
-					s.result = fromError(err)
+					// The status, keeping the messages received before it.
+					status := fromError(err)
+					s.result.Code, s.result.Message = status.Code, status.Message
 				}
 				return
 			}
