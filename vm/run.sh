@@ -7,8 +7,9 @@
 #     payload disk
 #  4. boots the guest under qemu (software emulation: KVM hangs on these machines) with a hard
 #     timeout; the guest runs vm/guest/test.sh and reports on its second serial port
-#  5. prints the guest's PASS/FAIL lines and `N passed, N failed`; exits 1 if anything failed or
-#     the guest never reported
+#  5. prints the guest's PASS/FAIL lines and `N passed, N failed`; exits 1 if anything failed, if
+#     the guest never reported, or if any check the guest script lists (its CHECKS block) did not
+#     report exactly one PASS line (and no PASS may name a check not listed)
 # Environment: VM_TIMEOUT (seconds the guest may run, default 900), VM_MEMORY (MiB, default 2048),
 # VM_CPUS (default 2), VM_KEEP=1 keeps the run directory under target/vm/.
 set -euo pipefail
@@ -28,6 +29,10 @@ qemu-system-x86_64 -accel help 2>/dev/null | grep -qx tcg \
     || die "this qemu-system-x86_64 has no TCG accelerator: the VM lane cannot run here"
 crictl=$repo/target/tools/bin/crictl
 [ -x "$crictl" ] || die "$crictl missing (make tools)"
+
+# The checks the guest script defines: its CHECKS block, one name a line.
+mapfile -t checks < <(sed -n '/^# CHECKS BEGIN$/,/^# CHECKS END$/s/^#   //p' "$repo/vm/guest/test.sh")
+[ "${#checks[@]}" -gt 0 ] || die "vm/guest/test.sh has no CHECKS block"
 
 mkdir -p "$cache"
 run=$(mktemp -d "$cache/run-XXXXXX")
@@ -112,12 +117,35 @@ note "guest ran $((SECONDS - boot)) s (qemu exit $qemu_rc)"
 
 report=$(tr -d '\r' <"$run/report.log" 2>/dev/null || true)
 grep -v '^VMTEST ' <<<"$report" | sed 's/^/guest: /' || true
+declare -A pass_lines=()
+guest_passed=0
 while read -r _ verdict rest; do
     case $verdict in
-        PASS) echo "PASS $rest"; passed=$((passed + 1)) ;;
+        PASS) echo "PASS $rest"; passed=$((passed + 1)); guest_passed=$((guest_passed + 1))
+              pass_lines[$rest]=$(( ${pass_lines[$rest]:-0} + 1 )) ;;
         FAIL) echo "FAIL $rest"; failed=$((failed + 1)) ;;
     esac
 done < <(grep -E '^VMTEST (PASS|FAIL) ' <<<"$report" || true)
+
+# Every check the guest script lists reported one PASS (or a FAIL, counted above); none other did.
+declare -A listed=()
+for name in "${checks[@]}"; do
+    listed[$name]=1
+    count=${pass_lines[$name]:-0}
+    if [ "$count" = 0 ]; then
+        grep -qF "VMTEST FAIL $name: " <<<"$report" || fail "guest: $name" "reported neither PASS nor FAIL"
+    elif [ "$count" != 1 ]; then
+        fail "guest: $name" "reported $count PASS lines"
+    fi
+done
+for name in "${!pass_lines[@]}"; do
+    [ -n "${listed[$name]:-}" ] || fail "guest: $name" "a PASS for a check not in vm/guest/test.sh's CHECKS"
+done
+if [ "$guest_passed" = "${#checks[@]}" ]; then
+    pass "guest: PASS lines equal the ${#checks[@]} checks vm/guest/test.sh lists"
+else
+    fail "guest: PASS lines equal the checks vm/guest/test.sh lists" "$guest_passed PASS lines for ${#checks[@]} checks"
+fi
 
 done_line=$(grep -E '^VMTEST DONE ' <<<"$report" | tail -n 1 || true)
 if [ -z "$done_line" ]; then

@@ -165,15 +165,21 @@ impl Driver {
     }
 
     /// Opens server stream `name` of `method` and reads it in the background until
-    /// [`Driver::stream_end`]. Streams are grpc-go's or grpcio's (kubelet's client: grpc-go).
+    /// [`Driver::stream_end`]. Streams are grpc-go's or grpcio's; kubelet's client opens
+    /// `GetContainerEvents` only, with its own `GetContainerEvents` (kubelet's evented PLEG).
     pub async fn stream_start(
         &mut self,
         name: &str,
         method: &str,
         request: &impl Message,
     ) -> Result<Outcome> {
+        let client = match self.client {
+            Client::Kubelet => "kubelet",
+            Client::GrpcGo | Client::Grpcio => "grpc",
+        };
         self.line(json!({
             "op": "stream_start",
+            "client": client,
             "name": name,
             "method": method,
             "request": STANDARD.encode(request.encode_to_vec()),

@@ -1,10 +1,14 @@
 //! Which containerd a [`crate::Node`] runs, and the config file that version reads.
 //!
-//! `DOCKHAND_CONTAINERD` picks the release line (`1.6`, the default, `1.7`, `2.1` or `2.3`); its
+//! `DOCKHAND_CONTAINERD` picks the release line (`1.6`, the default, `1.7`, `2.3` or `2.4`); its
 //! binaries (`containerd`, `ctr`, `containerd-shim-runc-v2`) come from `DOCKHAND_CONTAINERD_BIN`,
 //! else `<target>/containerd/<version>/bin` (what `make containerd-<version>` fills), else, for
 //! 1.6 only, the system's (Debian 12's package). The binary's own `--version` must match the line
 //! asked for, so a test run never reports one version's results under another's name.
+//!
+//! runc: 1.6 and 1.7 run the one in `PATH` (Debian 12's 1.1.5, as those nodes have it); 2.x runs
+//! runc [`RUNC_VERSION`] from `DOCKHAND_RUNC`, else `<target>/runc/<RUNC_VERSION>/runc` (what
+//! `make runc` builds), named in the runc options' `BinaryName`. Its `--version` is checked too.
 //!
 //! Each line gets its own config dialect: 1.6 and 1.7 read `version = 2` with everything CRI
 //! under `io.containerd.grpc.v1.cri`; 2.x reads `version = 3` with the CRI plugin split into
@@ -28,22 +32,22 @@ pub enum Version {
     V1_6,
     /// Debian 13's 1.7.24.
     V1_7,
-    /// Debian sid's 2.1.9.
-    V2_1,
     /// The 2.3 LTS, built from its Go module (`tools/go.mod`).
     V2_3,
+    /// 2.4, built from its Go module (`tools/containerd-2.4/go.mod`).
+    V2_4,
 }
 
 impl Version {
-    pub const ALL: [Version; 4] = [Version::V1_6, Version::V1_7, Version::V2_1, Version::V2_3];
+    pub const ALL: [Version; 4] = [Version::V1_6, Version::V1_7, Version::V2_3, Version::V2_4];
 
-    /// `1.6`, `1.7`, `2.1`, `2.3`.
+    /// `1.6`, `1.7`, `2.3`, `2.4`.
     pub fn as_str(self) -> &'static str {
         match self {
             Version::V1_6 => "1.6",
             Version::V1_7 => "1.7",
-            Version::V2_1 => "2.1",
             Version::V2_3 => "2.3",
+            Version::V2_4 => "2.4",
         }
     }
 
@@ -55,7 +59,7 @@ impl Version {
 
     /// Whether the config is `version = 3` with the split CRI plugins (2.x).
     pub fn is_v2(self) -> bool {
-        self >= Version::V2_1
+        self >= Version::V2_3
     }
 }
 
@@ -72,7 +76,7 @@ impl std::str::FromStr for Version {
         Version::ALL
             .into_iter()
             .find(|v| v.as_str() == s)
-            .ok_or_else(|| anyhow!("unknown containerd version {s:?} (known: 1.6, 1.7, 2.1, 2.3)"))
+            .ok_or_else(|| anyhow!("unknown containerd version {s:?} (known: 1.6, 1.7, 2.3, 2.4)"))
     }
 }
 
@@ -84,6 +88,41 @@ pub struct Containerd {
     pub full_version: String,
     /// Directory holding `containerd`, `ctr` and `containerd-shim-runc-v2`.
     pub bin_dir: PathBuf,
+    /// The runc its pods run with (the runc options' `BinaryName`); `None`: the one in `PATH`.
+    pub runc: Option<PathBuf>,
+}
+
+/// The runc the 2.x lines run with (`make runc`, `tools/runc/go.mod`).
+pub const RUNC_VERSION: &str = "1.5.3";
+
+/// runc for `version`: `None` (the one in `PATH`) for 1.x, else [`RUNC_VERSION`] from
+/// `DOCKHAND_RUNC` or `<target>/runc/<RUNC_VERSION>/runc`, its `--version` checked.
+fn runc_for(version: Version) -> Result<Option<PathBuf>> {
+    if !version.is_v2() {
+        return Ok(None);
+    }
+    let runc = std::env::var_os("DOCKHAND_RUNC")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir().join("runc").join(RUNC_VERSION).join("runc"));
+    if !runc.is_file() {
+        bail!(
+            "runc {RUNC_VERSION} not found at {}: run `make runc`",
+            runc.display()
+        );
+    }
+    let output = Command::new(&runc)
+        .arg("--version")
+        .output()
+        .with_context(|| format!("run {} --version", runc.display()))?;
+    let printed = String::from_utf8_lossy(&output.stdout);
+    if printed.lines().next() != Some(&format!("runc version {RUNC_VERSION}")) {
+        bail!(
+            "{} is {:?}, not runc {RUNC_VERSION}",
+            runc.display(),
+            printed.trim()
+        );
+    }
+    Ok(Some(runc))
 }
 
 impl Containerd {
@@ -136,6 +175,7 @@ impl Containerd {
             version,
             full_version,
             bin_dir,
+            runc: runc_for(version)?,
         })
     }
 
@@ -157,6 +197,8 @@ pub struct ConfigParams<'a> {
     pub runtime_path: Option<&'a Path>,
     /// `hosts.toml` directory tree for registry mirrors (`config_path`).
     pub registry_config_path: Option<&'a Path>,
+    /// The runc options' `BinaryName` (none: runc from `PATH`).
+    pub runc: Option<&'a Path>,
     /// TOML appended as is.
     pub extra: &'a str,
 }
@@ -172,6 +214,10 @@ pub fn config(version: Version, dir: &Path, params: &ConfigParams) -> String {
     };
     let registry = match params.registry_config_path {
         Some(path) => format!("config_path = \"{}\"", path.display()),
+        None => String::new(),
+    };
+    let binary_name = match params.runc {
+        Some(path) => format!("BinaryName = \"{}\"", path.display()),
         None => String::new(),
     };
     let extra = params.extra;
@@ -225,6 +271,7 @@ disabled_plugins = [
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
         SystemdCgroup = false
         Root = "{d}/runc"
+        {binary_name}
 
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "{d}/cni/bin"
@@ -272,6 +319,7 @@ disabled_plugins = [
       [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
         SystemdCgroup = false
         Root = "{d}/runc"
+        {binary_name}
 
   [plugins.'io.containerd.cri.v1.runtime'.cni]
     bin_dirs = ["{d}/cni/bin"]
@@ -294,7 +342,7 @@ mod tests {
         assert!("1.5".parse::<Version>().is_err());
         assert!(!Version::V1_6.honours_runtime_path());
         assert!(Version::V1_7.honours_runtime_path() && !Version::V1_7.is_v2());
-        assert!(Version::V2_1.is_v2() && Version::V2_3.is_v2());
+        assert!(Version::V2_3.is_v2() && Version::V2_4.is_v2());
     }
 
     /// Both dialects are valid TOML with the keys where each version reads them.
@@ -304,6 +352,7 @@ mod tests {
         let params = ConfigParams {
             runtime_type: "io.containerd.runc.v2",
             runtime_path: Some(Path::new("/opt/shim")),
+            runc: Some(Path::new("/opt/runc")),
             ..ConfigParams::default()
         };
         let v2: toml::Value = toml::from_str(&config(Version::V1_7, dir, &params)).unwrap();
@@ -323,6 +372,10 @@ mod tests {
         );
         let runtime = &plugins["io.containerd.cri.v1.runtime"];
         assert_eq!(runtime["restrict_oom_score_adj"].as_bool(), Some(true));
+        assert_eq!(
+            runtime["containerd"]["runtimes"]["runc"]["options"]["BinaryName"].as_str(),
+            Some("/opt/runc")
+        );
         assert_eq!(
             runtime["containerd"]["runtimes"]["runc"]["runtime_path"].as_str(),
             Some("/opt/shim")
@@ -359,7 +412,7 @@ mod tests {
             ..ConfigParams::default()
         };
         let dir = Path::new("/tmp/dockhand-node-x");
-        for version in [Version::V1_7, Version::V2_1, Version::V2_3] {
+        for version in [Version::V1_7, Version::V2_3, Version::V2_4] {
             let ours: toml::Value = toml::from_str(&config(version, dir, &params)).unwrap();
             let snippet = snippets
                 .iter()

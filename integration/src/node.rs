@@ -193,6 +193,7 @@ impl Node {
             runtime_type: &options.runtime_type,
             runtime_path: options.runtime_path.as_deref(),
             registry_config_path: options.registry_config_path.as_deref(),
+            runc: containerd.runc.as_deref(),
             extra: &options.extra_config,
         };
         let config = containerd::config(containerd.version, &path, &params);
@@ -665,11 +666,14 @@ mod tests {
         assert!(!root_line.contains("shared:"), "{root_line}");
     }
 
-    /// The node runs the containerd `DOCKHAND_CONTAINERD` names, and CRI says so.
+    /// The node runs the containerd `DOCKHAND_CONTAINERD` names, and CRI says so; on 2.x its
+    /// containers run with runc 1.5 (the runc options' `BinaryName`, as containerd reports them),
+    /// on 1.x with the runc in `PATH`.
     #[tokio::test(flavor = "multi_thread")]
-    async fn node_runs_the_selected_containerd() {
+    async fn node_runs_the_selected_containerd_and_runc() {
         let node = Node::start(NodeOptions::default()).await.unwrap();
-        let version = node.cri().await.unwrap().version().await.unwrap();
+        let cri = node.cri().await.unwrap();
+        let version = cri.version().await.unwrap();
         let selected = Containerd::selected().unwrap();
         assert_eq!(version.runtime_name, "containerd");
         assert!(
@@ -680,6 +684,27 @@ mod tests {
             "CRI says {version:?}, the harness asked for {}",
             selected.version
         );
+        let pod = cri.run_pod(&PodSpec::new("runc")).await.unwrap();
+        let id = cri
+            .run_container(&pod, &ContainerSpec::sleeper("sleeper"))
+            .await
+            .unwrap();
+        let status = cri.container_status(&id, true).await.unwrap();
+        let info: serde_json::Value = serde_json::from_str(&status.info["info"]).unwrap();
+        let binary_name = info["runtimeOptions"]["binary_name"].as_str();
+        let runc = selected.runc.as_ref().map(|p| p.to_string_lossy());
+        assert_eq!(binary_name, runc.as_deref(), "{}", status.info["info"]);
+        assert_eq!(selected.version.is_v2(), runc.is_some());
+        // That runc knows the container as running (its state root is the options' Root).
+        let state = Command::new(selected.runc.as_deref().unwrap_or(Path::new("runc")))
+            .arg("--root")
+            .arg(node.temp_dir().join("runc/k8s.io"))
+            .args(["state", &id])
+            .output()
+            .unwrap();
+        let state: serde_json::Value = serde_json::from_slice(&state.stdout)
+            .unwrap_or_else(|e| panic!("runc state: {e}: {state:?}"));
+        assert_eq!(state["status"], "running", "{state}");
     }
 
     /// A CNI node: the pod has an address of its own on the node's bridge, containerd bound its

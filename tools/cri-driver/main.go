@@ -9,8 +9,10 @@
 //   - "grpc": a plain grpc-go connection invoking the method path with the bytes as they are.
 //
 // Ops other than "call" ("stream_start", "stream_end", "stall") shape what a unary helper cannot:
-// a server stream read in the background, and a slow reader (its own connection with a small
-// flow-control window, calls started and never read).
+// a server stream read in the background (GetContainerEvents through kubelet's client is its
+// RuntimeService.GetContainerEvents, as kubelet's evented PLEG calls it; other streams and clients
+// are grpc-go's), and a slow reader (its own connection with a small flow-control window, calls
+// started and never read).
 package main
 
 import (
@@ -42,7 +44,7 @@ const (
 type Call struct {
 	// "call" (default), "stream_start", "stream_end", "stall".
 	Op string `json:"op"`
-	// "kubelet" or "grpc" (calls); streams and stalls always use grpc-go directly.
+	// "kubelet" or "grpc" (calls and streams); stalls always use grpc-go directly.
 	Client string `json:"client"`
 	// Method name, e.g. "ContainerStatus".
 	Method  string `json:"method"`
@@ -138,7 +140,11 @@ func (d *driver) run(call Call) Result {
 			result = Result{Error: fmt.Sprintf("unknown client %q", call.Client)}
 		}
 	case "stream_start":
-		result = d.streamStart(call)
+		if call.Client == "kubelet" {
+			result = d.kubeletStreamStart(call)
+		} else {
+			result = d.streamStart(call)
+		}
 	case "stream_end":
 		s, ok := d.streams[call.Name]
 		if !ok {
@@ -210,12 +216,8 @@ func (d *driver) grpcCall(call Call) Result {
 // kubeletCall decodes the request, calls kubelet's client the way kubelet does, and encodes
 // what it returns as the method's response message.
 func (d *driver) kubeletCall(call Call) Result {
-	if d.kubelet == nil {
-		service, err := remote.NewRemoteRuntimeService("unix://"+d.socket, kubeletTO, nil, nil)
-		if err != nil {
-			return fromError(err)
-		}
-		d.kubelet = service
+	if err := d.kubeletService(); err != nil {
+		return fromError(err)
 	}
 	ctx := context.Background()
 	var response proto.Message
@@ -283,6 +285,73 @@ func (d *driver) kubeletCall(call Call) Result {
 	return result
 }
 
+// kubeletService connects kubelet's client once, as kubelet 1.37 builds it (pkg/kubelet
+// PreInitRuntimeService): its default tracer provider (a no-op one) and the list RPCs unary
+// (feature gate CRIListStreaming, alpha, off by default).
+func (d *driver) kubeletService() error {
+	if d.kubelet != nil {
+		return nil
+	}
+	service, err := remote.NewRemoteRuntimeServiceBuilder().
+		WithEndpoint("unix://" + d.socket).
+		WithConnectionTimeout(kubeletTO).
+		WithUseStreaming(false).
+		Build(context.Background())
+	if err != nil {
+		return err
+	}
+	d.kubelet = service
+	return nil
+}
+
+// kubeletStreamStart runs kubelet's GetContainerEvents in the background until stream_end,
+// keeping each event it hands over; it answers once the client says the stream is established.
+func (d *driver) kubeletStreamStart(call Call) Result {
+	if call.Method != "GetContainerEvents" {
+		return Result{Error: fmt.Sprintf("kubelet client: stream %q not wired", call.Method)}
+	}
+	if err := d.kubeletService(); err != nil {
+		return fromError(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), timeout(call))
+	s := &stream{done: make(chan struct{}), cancel: cancel}
+	events := make(chan *runtimeapi.ContainerEventResponse)
+	established := make(chan struct{})
+	var callErr error
+	go func() {
+		callErr = d.kubelet.GetContainerEvents(ctx, events, func(runtimeapi.RuntimeService_GetContainerEventsClient) {
+			close(established)
+		})
+		close(events)
+	}()
+	go func() {
+		defer close(s.done)
+		for event := range events {
+			bytes, err := proto.Marshal(event)
+			if err != nil {
+				s.result.Error = "encode event: " + err.Error()
+				continue
+			}
+			s.result.Responses = append(s.result.Responses, bytes)
+		}
+		status := fromError(callErr)
+		s.result.Code, s.result.Message = status.Code, status.Message
+	}()
+	select {
+	case <-established:
+	case <-s.done:
+	}
+	// Established first, whatever came after: its status is stream_end's, as with grpc-go.
+	select {
+	case <-established:
+		d.streams[call.Name] = s
+		return Result{}
+	default:
+		cancel()
+		return fromError(callErr)
+	}
+}
+
 // streamStart opens a server stream and reads it in the background until stream_end; it
 // answers once the stream is open (request sent).
 func (d *driver) streamStart(call Call) Result {
@@ -312,7 +381,9 @@ func (d *driver) streamStart(call Call) Result {
 			var message []byte
 			if err := cs.RecvMsg(&message); err != nil {
 				if err != io.EOF {
-					s.result = fromError(err)
+					// The status, keeping the messages received before it.
+					status := fromError(err)
+					s.result.Code, s.result.Message = status.Code, status.Message
 				}
 				return
 			}

@@ -8,6 +8,102 @@
 # Usage: test.sh PAYLOAD_DIR
 set -uo pipefail
 
+# The checks this script makes, one name a line, each to report exactly one PASS line. vm/run.sh
+# reads this list on the host (between the CHECKS markers) and fails the lane on a FAIL line, on a
+# check here that reported no PASS (the guest stopped early, a branch never ran), and on a PASS for
+# a name not here: keep the list in step with the checks below. (`setup:` steps report only when
+# they fail.)
+# CHECKS BEGIN
+#   node: PID 1 is systemd
+#   node: /sys/fs/cgroup is the unified cgroup2 hierarchy
+#   node: kernel booted with systemd.unified_cgroup_hierarchy=1
+#   node: cgroup2 has the memory and pids controllers
+#   node: / is a shared mount (systemd)
+#   node: containerd is 1.7
+#   node: runc is Debian 12's 1.1
+#   unit: enabled
+#   unit: active
+#   unit: ordered after containerd
+#   unit: ordered before kubelet
+#   unit: its Documentation= file is installed
+#   unit: socket is a socket with mode 0660, owned by root
+#   unit: systemctl status exits 0
+#   unit: systemctl status says active (running)
+#   unit: systemctl status shows no error
+#   unit: no WARN or ERROR lines in dockhand's journal
+#   besteffort: pod and container start
+#   burstable: pod and container start
+#   guaranteed: pod and container start
+#   besteffort: shim wrote a started record
+#   besteffort: record's placement is cgroup v2
+#   besteffort: record's directory is the kubelet-style scope
+#   besteffort: record says the systemd driver
+#   besteffort: record's QoS class
+#   besteffort: record's pid is the container's init
+#   besteffort: record's own check matches
+#   besteffort: /proc/<pid>/cgroup is the record's directory
+#   besteffort: the scope's cgroup.procs holds the pid
+#   besteffort: verbose ContainerStatus through dockhand carries the record
+#   besteffort: memory.max is unlimited
+#   burstable: shim wrote a started record
+#   burstable: record's placement is cgroup v2
+#   burstable: record's directory is the kubelet-style scope
+#   burstable: record says the systemd driver
+#   burstable: record's QoS class
+#   burstable: record's pid is the container's init
+#   burstable: record's own check matches
+#   burstable: /proc/<pid>/cgroup is the record's directory
+#   burstable: the scope's cgroup.procs holds the pid
+#   burstable: verbose ContainerStatus through dockhand carries the record
+#   burstable: memory.max is the container's limit
+#   guaranteed: shim wrote a started record
+#   guaranteed: record's placement is cgroup v2
+#   guaranteed: record's directory is the kubelet-style scope
+#   guaranteed: record says the systemd driver
+#   guaranteed: record's QoS class
+#   guaranteed: record's pid is the container's init
+#   guaranteed: record's own check matches
+#   guaranteed: /proc/<pid>/cgroup is the record's directory
+#   guaranteed: the scope's cgroup.procs holds the pid
+#   guaranteed: verbose ContainerStatus through dockhand carries the record
+#   guaranteed: memory.max is the container's limit
+#   guaranteed: cpu.max is the container's quota
+#   cgroups: dockhand cgroups --usage --json runs
+#   besteffort: dockhand cgroups lists it from the shim's record
+#   besteffort: dockhand cgroups shows the scope
+#   besteffort: --usage shows v2 memory
+#   besteffort: --usage shows v2 pids
+#   besteffort: the --usage table shows shim, the scope, memory and pids
+#   burstable: dockhand cgroups lists it from the shim's record
+#   burstable: dockhand cgroups shows the scope
+#   burstable: --usage shows v2 memory
+#   burstable: --usage shows v2 pids
+#   burstable: the --usage table shows shim, the scope, memory and pids
+#   guaranteed: dockhand cgroups lists it from the shim's record
+#   guaranteed: dockhand cgroups shows the scope
+#   guaranteed: --usage shows v2 memory
+#   guaranteed: --usage shows v2 pids
+#   guaranteed: the --usage table shows shim, the scope, memory and pids
+#   archive: container ran and exited
+#   archive: RemoveContainer through dockhand
+#   archive: dockhand logs prints the removed container's output
+#   archive: dockhand logs --pod lists it
+#   propagation: pod with hostPath / at /rootfs starts
+#   propagation: dockhand's decision annotation
+#   propagation: /rootfs is a slave mount in the container
+#   propagation: a host mount made after start is seen in the container
+#   restart: with containerd stopped, callers get UNAVAILABLE
+#   restart: dockhand keeps running while containerd is stopped
+#   restart: service again once containerd is back
+#   restart: service again after systemctl restart containerd
+#   restart: dockhand is the same process throughout
+#   restart: the running container is still listed
+#   stop: a call in flight is answered (drain)
+#   stop: unit is inactive
+#   stop: clean result, main process exited with 0
+#   stop: dockhand logged its stop
+# CHECKS END
+
 payload=${1:?usage: test.sh PAYLOAD_DIR}
 socket=/run/dockhand/dockhand.sock
 records=/run/dockhand/cgroups
@@ -95,7 +191,7 @@ expect "unit: active" "$(systemctl is-active dockhand.service)" active
 expect_match "unit: ordered after containerd" "$(systemctl show -p After --value dockhand.service)" '(^| )containerd\.service( |$)'
 expect_match "unit: ordered before kubelet" "$(systemctl show -p Before --value dockhand.service)" '(^| )kubelet\.service( |$)'
 doc=$(systemctl show -p Documentation --value dockhand.service)
-expect_ok "unit: its Documentation= file is installed ($doc)" test -f "${doc#file://}"
+expect_ok "unit: its Documentation= file is installed" test -f "${doc#file://}"
 expect "unit: socket is a socket with mode 0660, owned by root" "$(stat -c '%F %a %U:%G' "$socket")" "socket 660 root:root"
 status=$(systemctl status --no-pager --full dockhand.service 2>&1)
 status_rc=$?
@@ -221,7 +317,7 @@ if cgroups_json=$(dockhand cgroups --socket "$socket" --usage --json 2>"$tmp/err
         mem=$(jq -r '.usage.memoryBytes' <<<"$entry")
         pids=$(jq -r '.usage.pids' <<<"$entry")
         if [[ $mem =~ ^[0-9]+$ ]] && [ "$mem" -gt 0 ]; then
-            pass "$qos: --usage shows v2 memory ($mem bytes)"
+            pass "$qos: --usage shows v2 memory"
         else
             fail "$qos: --usage shows v2 memory" "memoryBytes is '$mem'"
         fi

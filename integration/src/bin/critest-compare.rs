@@ -1,8 +1,11 @@
 //! `make critest`: cri-tools' critest run twice on the containerd `DOCKHAND_CONTAINERD` names,
 //! once straight against containerd with the stock runc shim, once through `dockhand proxy` with
-//! dockhand's shim; the two results must be equal spec by spec. Both nodes have CNI pods and a
-//! read-only registry on their loopback serving locally built images as registry.k8s.io and
-//! gcr.io. Reports go to `target/critest/<version>/{direct,dockhand}.xml`.
+//! dockhand's shim; the two results must be equal spec by spec (so the specs that pass through
+//! dockhand are those that pass direct), and each side must pass at least the version's
+//! [`critest::MIN_PASSED`], so a lab broken on both sides alike is not "equal". Both nodes have
+//! CNI pods and a read-only registry on their loopback serving locally built images as
+//! registry.k8s.io, gcr.io and k8s.gcr.io. Reports go to
+//! `target/critest/<version>/{direct,dockhand}.xml`.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -87,17 +90,40 @@ async fn main() -> Result<()> {
     if !shim.is_file() {
         bail!("{} not found: run `make build`", shim.display());
     }
+    let version = containerd.version;
+    let Some(min_passed) = critest::min_passed(version) else {
+        bail!(
+            "critest has no minimum of passed specs for containerd {version}: measure a run and \
+             add it to MIN_PASSED (integration/src/critest.rs)"
+        );
+    };
     println!("critest on {}", containerd.full_version);
     let direct = run(&out, "direct", None).await?;
     let through = run(&out, "dockhand", Some(&shim)).await?;
     let differences = critest::differences(&direct, &through);
-    if !differences.is_empty() {
-        for (spec, a, b) in &differences {
-            println!("  {spec}: direct {a}, through dockhand {b}");
-        }
+    for (spec, a, b) in &differences {
+        println!("  {spec}: direct {a}, through dockhand {b}");
+    }
+    let passed = [
+        ("direct", critest::passed(&direct).len()),
+        ("through dockhand", critest::passed(&through).len()),
+    ];
+    let too_few: Vec<String> = passed
+        .iter()
+        .filter(|(_, n)| *n < min_passed)
+        .map(|(side, n)| format!("{side} {n}"))
+        .collect();
+    if !too_few.is_empty() {
         bail!(
-            "critest on containerd {}: {} specs differ through dockhand (reports in {})",
-            containerd.version,
+            "critest on containerd {version}: fewer specs passed than the {min_passed} measured \
+             (MIN_PASSED): {} (reports in {})",
+            too_few.join(", "),
+            out.display()
+        );
+    }
+    if !differences.is_empty() {
+        bail!(
+            "critest on containerd {version}: {} specs differ through dockhand (reports in {})",
             differences.len(),
             out.display()
         );
