@@ -2,9 +2,9 @@
 CARGO ?= cargo
 PREFIX ?= /usr/local
 DEBIAN_PACKAGES := containerd runc busybox-static protobuf-compiler gcc libc6-dev util-linux iproute2 procps \
-	containernetworking-plugins docker-registry python3-venv libseccomp-dev pkg-config
+	containernetworking-plugins docker-registry python3-venv libseccomp-dev pkg-config curl
 
-.PHONY: deps tools build test test-vm lint bench demo install containerd critest runc
+.PHONY: deps tools build test test-vm lint bench demo install containerd critest runc kubelet test-kubelet
 
 # Install the Debian packages the build, tests and demo need (skipped when all are present).
 deps:
@@ -75,6 +75,17 @@ runc: deps
 			{ echo "runc: tools/runc/go.mod does not pin runc $(RUNC_VERSION)"; exit 1; }; \
 		cd tools/runc && go build -trimpath -tags seccomp -o $(RUNC_DIR)/runc github.com/opencontainers/runc; fi
 
+# kubelet for the kubelet lane, built once into target/kubelet/<version>/kubelet from its Go module
+# (tools/kubelet/go.mod pins k8s.io/kubernetes and replaces each of its 31 staging modules).
+KUBELET_VERSION := v1.37.2
+KUBELET_BIN := $(CURDIR)/target/kubelet/$(KUBELET_VERSION)/kubelet
+kubelet:
+	@grep -qE '^[[:space:]]*k8s.io/kubernetes $(KUBELET_VERSION)( |$$)' tools/kubelet/go.mod || \
+		{ echo "kubelet: tools/kubelet/go.mod does not pin k8s.io/kubernetes $(KUBELET_VERSION)"; exit 1; }
+	@[ -x $(KUBELET_BIN) ] || (cd tools/kubelet && go build \
+		-ldflags "-X k8s.io/component-base/version.gitVersion=$(KUBELET_VERSION)" \
+		-o $(KUBELET_BIN) k8s.io/kubernetes/cmd/kubelet)
+
 # Build every binary (dockhand, containerd-shim-dockhand-v2, the demo).
 build: deps
 	$(CARGO) build --workspace --bins
@@ -104,6 +115,18 @@ critest: build tools containerd
 		echo "critest: containerd $$v compared in $$(( $$(date +%s) - start )) s"; \
 	done
 
+# The kubelet lane (integration/tests/kubelet.rs): a real kubelet run standalone with static pods,
+# straight against containerd and through dockhand, on each containerd of KUBELET_VERSIONS, timed.
+KUBELET_VERSIONS := 2.3 2.4
+test-kubelet: build kubelet $(addprefix containerd-,$(KUBELET_VERSIONS))
+	@failed=; for v in $(KUBELET_VERSIONS); do \
+		start=$$(date +%s); \
+		if DOCKHAND_CONTAINERD=$$v DOCKHAND_KUBELET=$(KUBELET_BIN) $(CARGO) test -p dockhand-integration \
+			--features kubelet-lane --test kubelet -- --test-threads 4; then result=passed; \
+		else result=FAILED; failed="$$failed $$v"; fi; \
+		echo "test-kubelet: containerd $$v: kubelet $(KUBELET_VERSION) lane $$result in $$(( $$(date +%s) - start )) s"; \
+	done; [ -z "$$failed" ] || { echo "test-kubelet: failed on containerd$$failed"; exit 1; }
+
 # The VM lane: a Debian 12 guest under qemu (systemd, cgroup v2), dockhand installed as an operator would (vm/README.md).
 VM_PACKAGES := qemu-system-x86 debootstrap e2fsprogs
 test-vm: build tools
@@ -114,7 +137,7 @@ test-vm: build tools
 # Formatting and clippy, warnings as errors.
 lint:
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets --all-features -- -D warnings
 
 # Benchmarks: proxy vs direct (fake upstream and real containerd), ratios printed, nothing asserted.
 bench: deps

@@ -16,6 +16,8 @@
 //! - `clients`: real gRPC clients (kubelet's cri-client, grpc-go, grpcio) as driver processes.
 //! - `kubelet`: [`PodSpec`] and [`ContainerSpec`], the configs kubelet would send for them, and
 //!   kubelet's call sequences (removing a dead container).
+//! - `kubelet_process`: [`KubeletProcess`], a real kubelet (`make kubelet`) run standalone with
+//!   static pods inside a node, for the kubelet lane (`tests/kubelet.rs`).
 //! - `logs`: reading CRI log files.
 //! - `transcript`: comparing a scenario's outcomes straight from containerd and through the proxy.
 //! - `fake`: a fake containerd that records request bytes, and the proxy run in-process.
@@ -31,6 +33,7 @@ pub mod fake;
 pub mod fixtures;
 pub mod images;
 pub mod kubelet;
+pub mod kubelet_process;
 pub mod logs;
 pub mod node;
 pub mod proxy;
@@ -41,6 +44,7 @@ pub use cri::{ContainerSpec, Cri, Pod, PodSpec};
 pub use dockhand_protos::cri as api;
 pub use fixtures::{fixtures, target_dir, workspace_dir, Fixtures};
 pub use images::{BUSYBOX_IMAGE, PAUSE_IMAGE};
+pub use kubelet_process::KubeletProcess;
 pub use logs::{read_log, read_messages, LogLine};
 pub use node::{Network, Node, NodeInfo, NodeOptions, RootPropagation};
 pub use proxy::{proxy_binary, ProxyProcess};
