@@ -8,6 +8,27 @@
 //! `PROPAGATION_HOST_TO_CONTAINER` only when the host mount can take it, and otherwise leaves the
 //! mount private, as Docker did. Paths are compared by components after resolving symlinks the
 //! way containerd will, so `/var/lib/doc` never matches `/var/lib/docker`.
+//!
+//! What each field of a CRI `Mount` (cri-api v0.37) means for the rule:
+//! - `container_path` (1): only named in the decision annotation.
+//! - `host_path` (2): the rule's subject; empty or relative: left alone (containerd's to judge).
+//! - `readonly` (3): no effect (Docker gave read-only binds rslave too; containerd accepts it).
+//! - `selinux_relabel` (4): no effect (containerd relabels the source whatever the propagation).
+//! - `propagation` (5): only `PROPAGATION_PRIVATE` (what kubelet sends for `None`) is a
+//!   candidate; `HOST_TO_CONTAINER`, `BIDIRECTIONAL` and values this proto does not know are the
+//!   pod's explicit choice and left alone.
+//! - `uidMappings`/`gidMappings` (6, 7): no effect (an idmapped bind takes rslave like any bind;
+//!   a runtime that refused it would get the original request, see [`Propagation`]).
+//! - `recursive_read_only` (8): containerd and runc require private propagation for it
+//!   (`recursive read-only mount needs private propagation`), and so did Docker: the mount keeps
+//!   its propagation, decided `private(recursive read-only)`.
+//! - `image` (9), `image_sub_path` (10): an image volume, mounted by containerd from a snapshot
+//!   (its host path must be empty): not a bind of a host path, left alone.
+//!
+//! And of `ContainerConfig`: only `mounts` and `annotations` (where the decision goes) matter.
+//! User namespaces (`linux.security_context.namespace_options.userns_options`), privileged, a
+//! read-only rootfs, devices and the rest do not change what the host's mount table allows; the
+//! pod's own opt-out is read from `PodSandboxConfig.annotations`.
 
 use std::borrow::Borrow;
 use std::collections::HashMap;
@@ -51,6 +72,17 @@ pub enum Decision {
     KeepPrivate(&'static str),
 }
 
+impl Decision {
+    /// The `result` label it is counted under in `dockhand_propagation_rewrites_total`.
+    fn result(&self) -> &'static str {
+        match self {
+            Decision::Rslave => "rslave",
+            Decision::KeepPrivate(why) if *why == RECURSIVE_READ_ONLY => "recursive_read_only",
+            Decision::KeepPrivate(_) => "private_fallback",
+        }
+    }
+}
+
 impl fmt::Display for Decision {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -69,11 +101,15 @@ pub struct MountDecision {
     pub decision: Decision,
 }
 
+/// The reason a recursive read-only mount keeps its propagation.
+pub const RECURSIVE_READ_ONLY: &str = "recursive read-only";
+
 /// Whether the rule looks at `mount` at all, before any host path is read: propagation left to
-/// the runtime (PRIVATE) and an absolute host path.
+/// the runtime (PRIVATE), an absolute host path, and not an image volume.
 pub fn is_candidate(mount: &Mount) -> bool {
     mount.propagation == MountPropagation::PropagationPrivate as i32
         && Path::new(&mount.host_path).is_absolute()
+        && mount.image.is_none()
 }
 
 /// Docker's rule (plus the operator's extra paths), with its roots resolved once.
@@ -121,18 +157,24 @@ pub fn decide<T: Borrow<MountTable>, E: fmt::Display>(
     if matched.is_empty() {
         return Vec::new();
     }
-    let table = table();
-    if let Err(e) = &table {
+    // A recursive read-only mount is decided without the host's mount table.
+    let table = matched
+        .iter()
+        .any(|(_, m, _)| !m.recursive_read_only)
+        .then(table);
+    if let Some(Err(e)) = &table {
         tracing::warn!(error = %e, "cannot read the host's mount table; leaving mounts private");
     }
     matched
         .into_iter()
         .map(|(index, mount, source)| {
             let decision = match &table {
-                Err(_) => Decision::KeepPrivate("host mount table unreadable"),
+                // containerd refuses any other propagation for it (and runc cannot do it).
+                _ if mount.recursive_read_only => Decision::KeepPrivate(RECURSIVE_READ_ONLY),
+                None | Some(Err(_)) => Decision::KeepPrivate("host mount table unreadable"),
                 // The mount containerd itself will check (its `mount.Lookup` rule), so that dockhand
                 // never asks for rslave where containerd would refuse it.
-                Ok(table) => match table
+                Some(Ok(table)) => match table
                     .borrow()
                     .containerd_lookup(&source)
                     .map(|e| e.propagation)
@@ -509,6 +551,10 @@ impl Propagation {
                     dry_run = self.config.mode == PropagationMode::DryRun,
                     "bind mount gets rslave, as on Docker"
                 ),
+                Decision::KeepPrivate(why) if *why == RECURSIVE_READ_ONLY => tracing::info!(
+                    container_path = %d.container_path, source = %d.source.display(), reason = why,
+                    "keeping rprivate: a recursive read-only mount needs it"
+                ),
                 Decision::KeepPrivate(why) => tracing::warn!(
                     container_path = %d.container_path, source = %d.source.display(), reason = why,
                     "keeping rprivate, as Docker's fallback did"
@@ -521,12 +567,9 @@ impl Propagation {
         }
         match wire::apply(&call.message, &edits(&decisions)) {
             Ok(edited) => {
-                let rslave = decisions
-                    .iter()
-                    .filter(|d| d.decision == Decision::Rslave)
-                    .count();
-                self.count("rslave", rslave);
-                self.count("private_fallback", decisions.len() - rslave);
+                for d in &decisions {
+                    self.count(d.decision.result(), 1);
+                }
                 Forwarded {
                     reply: call.forward(&edited).await,
                     decision: Some(annotation(&decisions)),

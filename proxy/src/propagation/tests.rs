@@ -285,3 +285,96 @@ fn any_container_path_reads_back_as_itself() {
     assert_eq!(recorded_decision(&text, "/y"), None, "{text}");
     assert_eq!(recorded_decision("/a=bogus", "/a"), None);
 }
+
+fn recursive_read_only(host: &str, container: &str) -> Mount {
+    Mount {
+        readonly: true,
+        recursive_read_only: true,
+        ..private(host, container)
+    }
+}
+
+/// containerd refuses `recursive read-only mount needs private propagation`: such a mount keeps
+/// PRIVATE, said so, and the mount table is not read for it.
+#[test]
+fn recursive_read_only_mounts_keep_private() {
+    let decisions = decide(
+        &Rule::new(&config()),
+        &[recursive_read_only("/", "/rootfs")],
+        || -> Result<MountTable, String> { panic!("read the mount table for nothing") },
+    );
+    assert_eq!(
+        decisions[0].decision,
+        Decision::KeepPrivate(RECURSIVE_READ_ONLY)
+    );
+    assert_eq!(decisions[0].decision.result(), "recursive_read_only");
+    assert_eq!(
+        annotation(&decisions),
+        "/rootfs=private(recursive read-only)"
+    );
+    // Next to a mount that takes rslave, only that one is edited.
+    let decisions = decide_with(
+        &config(),
+        &[recursive_read_only("/", "/ro"), private("/var", "/var")],
+        SHARED_ROOT,
+    );
+    assert_eq!(
+        decisions
+            .iter()
+            .map(|d| d.decision.clone())
+            .collect::<Vec<_>>(),
+        [Decision::KeepPrivate(RECURSIVE_READ_ONLY), Decision::Rslave]
+    );
+    assert_eq!(edits(&decisions).len(), 2, "one propagation, one annotation");
+}
+
+/// Fields that do not change what the host's mount table allows leave the decision as it was.
+#[test]
+fn readonly_relabel_and_id_mappings_do_not_change_the_decision() {
+    use dockhand_protos::cri::IdMapping;
+    let mapping = IdMapping {
+        host_id: 100000,
+        container_id: 0,
+        length: 65536,
+    };
+    let mounts = [
+        Mount {
+            readonly: true,
+            ..private("/", "/ro")
+        },
+        Mount {
+            selinux_relabel: true,
+            ..private("/var", "/relabel")
+        },
+        Mount {
+            uid_mappings: vec![mapping],
+            gid_mappings: vec![mapping],
+            ..private("/var/lib", "/idmapped")
+        },
+    ];
+    let decisions = decide_with(&config(), &mounts, SHARED_ROOT);
+    assert_eq!(decisions.len(), 3);
+    assert!(decisions.iter().all(|d| d.decision == Decision::Rslave));
+}
+
+/// An image volume (cri-api `Mount.image`) is mounted by containerd from a snapshot, not bound
+/// from its host path: left alone, even with a host path the rule would cover.
+#[test]
+fn image_volumes_are_left_alone() {
+    use dockhand_protos::cri::ImageSpec;
+    let mounts = [
+        Mount {
+            image: Some(ImageSpec {
+                image: "registry/data:1".into(),
+                ..Default::default()
+            }),
+            host_path: String::new(),
+            ..private("/", "/image")
+        },
+        Mount {
+            image: Some(ImageSpec::default()),
+            ..private("/", "/both")
+        },
+    ];
+    assert!(decide_with(&config(), &mounts, SHARED_ROOT).is_empty());
+}
