@@ -15,9 +15,10 @@ use bytes::Bytes;
 use dockhand_integration::fake::{Answer, FakeUpstream};
 use dockhand_protos::codec::{RawCodec, MAX_MESSAGE_BYTES};
 use dockhand_protos::cri::{
-    ContainerConfig, ContainerMetadata, CreateContainerRequest, Mount, MountPropagation,
+    ContainerConfig, ContainerMetadata, CreateContainerRequest, KeyValue, Mount, MountPropagation,
     PodSandboxConfig, PodSandboxMetadata,
 };
+use dockhand_protos::wire;
 use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
 use prost::Message;
@@ -442,4 +443,80 @@ async fn a_proxy_with_a_decision_stuck_on_a_hung_path_exits_on_sigterm() {
     assert!(status.success(), "{status:?}");
     // The filesystem was still hung all along (it is released only when `hung` drops).
     assert!(hung.connection.is_some());
+}
+
+/// A mount the rule covers, as cri-api v0.37's kubelet sends it: `mount_options` (field 11,
+/// unknown to dockhand's CRI types) on the mount, and an env value that is not UTF-8 (v0.37's
+/// `KeyValue.value` is `bytes`), which dockhand's CRI types cannot decode.
+fn v037_request(host_path: &Path) -> Vec<u8> {
+    let mut request =
+        CreateContainerRequest::decode(create_request(host_path, &[]).as_slice()).expect("decodes");
+    let config = request.config.as_mut().expect("config");
+    config.envs = vec![KeyValue {
+        key: "FROM_A_BINARY_SECRET".into(),
+        value: "placeholder".into(),
+    }];
+    let mut bytes = request.encode_to_vec();
+    let at = bytes
+        .windows(11)
+        .position(|w| w == b"placeholder")
+        .expect("the env value");
+    bytes[at..at + 11].copy_from_slice(b"\xff\xfe\x00binary!!");
+    assert!(CreateContainerRequest::decode(bytes.as_slice()).is_err());
+    wire::apply(
+        &bytes,
+        &[wire::Edit {
+            path: vec![wire::Step::Field(2), wire::Step::Item(7, 0)],
+            op: wire::Op::Append {
+                field: 11,
+                value: b"nodev".to_vec(),
+            },
+        }],
+    )
+    .expect("mount_options added")
+}
+
+/// The one byte edit dockhand makes: the mount's propagation (field 5) set to HOST_TO_CONTAINER
+/// and the decision annotation appended, by the wire editor, to `sent`.
+fn expected_rslave(sent: &[u8]) -> Vec<u8> {
+    let mount = vec![wire::Step::Field(2), wire::Step::Item(7, 0)];
+    wire::apply(
+        sent,
+        &[
+            wire::Edit {
+                path: mount,
+                op: wire::Op::SetVarint {
+                    field: 5,
+                    value: MountPropagation::PropagationHostToContainer as u64,
+                },
+            },
+            wire::Edit {
+                path: vec![wire::Step::Field(2)],
+                op: wire::Op::Append {
+                    field: 10,
+                    value: wire::map_entry("dockhand.io/mount-propagation", "/data=rslave"),
+                },
+            },
+        ],
+    )
+    .expect("edit")
+}
+
+#[tokio::test]
+async fn a_v037_request_is_decided_and_reaches_containerd_unchanged_but_for_propagation() {
+    let (_dir, root) = temp_root();
+    let shared = SharedTmpfs::mount(&root.join("shared"));
+    let fake = FakeUpstream::start(|_, _| Answer::Message(Bytes::new())).await;
+    let proxy = Proxy::start(fake.socket(), &config("enforce", &shared.path)).await;
+    let request = v037_request(&shared.path.join("data"));
+    create(&proxy.socket, &request)
+        .await
+        .expect("create goes through");
+    let received = received(&fake);
+    assert_eq!(
+        received.as_ref(),
+        expected_rslave(&request).as_slice(),
+        "every byte but the propagation and the annotation as sent"
+    );
+    assert_eq!(proxy.rewrites("rslave"), 1);
 }

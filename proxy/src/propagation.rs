@@ -24,6 +24,13 @@
 //!   its propagation, decided `private(recursive read-only)`.
 //! - `image` (9), `image_sub_path` (10): an image volume, mounted by containerd from a snapshot
 //!   (its host path must be empty): not a bind of a host path, left alone.
+//! - `mount_options` (11, cri-api v0.37): bind options the runtime adds; one that names a
+//!   propagation (`rslave`, `private`, ...) is the pod's explicit choice: left alone. Others
+//!   (`noexec`, `nodev`, ...) have no effect.
+//!
+//! The request is read through `protos::view`, which names only these fields (and the record's):
+//! a field the rule does not read can change type, as `KeyValue.value` did in v0.37, and the
+//! request is still decided.
 //!
 //! And of `ContainerConfig`: only `mounts` and `annotations` (where the decision goes) matter.
 //! User namespaces (`linux.security_context.namespace_options.userns_options`), privileged, a
@@ -37,7 +44,8 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use dockhand_protos::cri::{CreateContainerRequest, Mount, MountPropagation};
+use dockhand_protos::cri::MountPropagation;
+use dockhand_protos::view::{CreateContainerRequest, Mount};
 use dockhand_protos::wire::{self, Edit, Op, Step};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -104,12 +112,29 @@ pub struct MountDecision {
 /// The reason a recursive read-only mount keeps its propagation.
 pub const RECURSIVE_READ_ONLY: &str = "recursive read-only";
 
+/// OCI mount options that set a propagation (runc's list).
+const PROPAGATION_OPTIONS: [&str; 8] = [
+    "private",
+    "rprivate",
+    "shared",
+    "rshared",
+    "slave",
+    "rslave",
+    "unbindable",
+    "runbindable",
+];
+
 /// Whether the rule looks at `mount` at all, before any host path is read: propagation left to
-/// the runtime (PRIVATE), an absolute host path, and not an image volume.
+/// the runtime (PRIVATE, and none among its mount options), an absolute host path, and not an
+/// image volume.
 pub fn is_candidate(mount: &Mount) -> bool {
     mount.propagation == MountPropagation::PropagationPrivate as i32
         && Path::new(&mount.host_path).is_absolute()
         && mount.image.is_none()
+        && !mount
+            .mount_options
+            .iter()
+            .any(|o| PROPAGATION_OPTIONS.contains(&o.trim()))
 }
 
 /// Docker's rule (plus the operator's extra paths), with its roots resolved once.

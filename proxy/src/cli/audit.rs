@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 
 use dockhand_protos::cri::{Mount, MountPropagation};
+use dockhand_protos::view;
 use serde::Serialize;
 
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
@@ -109,14 +110,18 @@ pub fn findings_for(
     let mut resolver = Resolver::default();
     mounts
         .iter()
-        .filter_map(|m| {
+        .filter_map(|status_mount| {
+            // Read as the rule reads a CreateContainer's mount.
+            let m = &view::Mount::of(status_mount);
             let (propagation, status) = if rule.matches(m, &mut resolver).is_some() {
                 match decided(&m.container_path) {
                     Some(Recorded::Private { .. }) => (Got::Rprivate, Status::Fallback),
+                    // Private on Docker too, and containerd refuses anything else for it.
+                    _ if m.recursive_read_only => (Got::Rprivate, Status::Fallback),
                     _ => (Got::Rprivate, Status::AtRisk),
                 }
             } else if m.propagation == MountPropagation::PropagationHostToContainer as i32 {
-                let as_private = Mount {
+                let as_private = view::Mount {
                     propagation: MountPropagation::PropagationPrivate as i32,
                     ..m.clone()
                 };

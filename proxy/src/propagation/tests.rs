@@ -185,23 +185,26 @@ fn is_within_compares_components() {
 
 #[test]
 fn edits_set_host_to_container_and_annotate() {
-    use dockhand_protos::cri::{ContainerConfig, CreateContainerRequest};
+    use dockhand_protos::cri::{self, ContainerConfig};
     use prost::Message;
-    let request = CreateContainerRequest {
+    let cri_private = |host: &str, container: &str| cri::Mount {
+        host_path: host.into(),
+        container_path: container.into(),
+        ..Default::default()
+    };
+    let request = cri::CreateContainerRequest {
         pod_sandbox_id: "pod".into(),
         config: Some(ContainerConfig {
-            mounts: vec![private("/etc", "/etc"), private("/", "/rootfs")],
+            mounts: vec![cri_private("/etc", "/etc"), cri_private("/", "/rootfs")],
             ..Default::default()
         }),
         sandbox_config: None,
     };
-    let decisions = decide_with(
-        &config(),
-        &request.config.as_ref().unwrap().mounts,
-        SHARED_ROOT,
-    );
-    let edited = wire::apply(&request.encode_to_vec(), &edits(&decisions)).unwrap();
-    let edited = CreateContainerRequest::decode(edited.as_slice()).unwrap();
+    let encoded = request.encode_to_vec();
+    let view = CreateContainerRequest::decode(encoded.as_slice()).unwrap();
+    let decisions = decide_with(&config(), &view.config.unwrap().mounts, SHARED_ROOT);
+    let edited = wire::apply(&encoded, &edits(&decisions)).unwrap();
+    let edited = cri::CreateContainerRequest::decode(edited.as_slice()).unwrap();
     let config = edited.config.unwrap();
     assert_eq!(
         config.mounts[0].propagation,
@@ -288,7 +291,6 @@ fn any_container_path_reads_back_as_itself() {
 
 fn recursive_read_only(host: &str, container: &str) -> Mount {
     Mount {
-        readonly: true,
         recursive_read_only: true,
         ..private(host, container)
     }
@@ -325,33 +327,44 @@ fn recursive_read_only_mounts_keep_private() {
             .collect::<Vec<_>>(),
         [Decision::KeepPrivate(RECURSIVE_READ_ONLY), Decision::Rslave]
     );
-    assert_eq!(edits(&decisions).len(), 2, "one propagation, one annotation");
+    assert_eq!(
+        edits(&decisions).len(),
+        2,
+        "one propagation, one annotation"
+    );
 }
 
 /// Fields that do not change what the host's mount table allows leave the decision as it was.
 #[test]
 fn readonly_relabel_and_id_mappings_do_not_change_the_decision() {
-    use dockhand_protos::cri::IdMapping;
+    use dockhand_protos::cri::{self, IdMapping};
     let mapping = IdMapping {
         host_id: 100000,
         container_id: 0,
         length: 65536,
     };
+    let private = |host: &str, container: &str| cri::Mount {
+        host_path: host.into(),
+        container_path: container.into(),
+        ..Default::default()
+    };
+    // As kubelet encodes them, read as dockhand reads a CreateContainer.
     let mounts = [
-        Mount {
+        cri::Mount {
             readonly: true,
             ..private("/", "/ro")
         },
-        Mount {
+        cri::Mount {
             selinux_relabel: true,
             ..private("/var", "/relabel")
         },
-        Mount {
+        cri::Mount {
             uid_mappings: vec![mapping],
             gid_mappings: vec![mapping],
             ..private("/var/lib", "/idmapped")
         },
-    ];
+    ]
+    .map(|m| Mount::of(&m));
     let decisions = decide_with(&config(), &mounts, SHARED_ROOT);
     assert_eq!(decisions.len(), 3);
     assert!(decisions.iter().all(|d| d.decision == Decision::Rslave));
@@ -361,7 +374,7 @@ fn readonly_relabel_and_id_mappings_do_not_change_the_decision() {
 /// from its host path: left alone, even with a host path the rule would cover.
 #[test]
 fn image_volumes_are_left_alone() {
-    use dockhand_protos::cri::ImageSpec;
+    use dockhand_protos::view::ImageSpec;
     let mounts = [
         Mount {
             image: Some(ImageSpec {
@@ -377,4 +390,28 @@ fn image_volumes_are_left_alone() {
         },
     ];
     assert!(decide_with(&config(), &mounts, SHARED_ROOT).is_empty());
+}
+
+/// A propagation among a mount's `mount_options` (cri-api v0.37 field 11) is the pod's choice;
+/// other options change nothing.
+#[test]
+fn a_propagation_in_mount_options_is_left_alone() {
+    let with = |options: &[&str], container: &str| Mount {
+        mount_options: options.iter().map(|o| o.to_string()).collect(),
+        ..private("/", container)
+    };
+    let mounts = [
+        with(&["rslave"], "/a"),
+        with(&["nodev", "private"], "/b"),
+        with(&["rshared"], "/c"),
+        with(&["noexec", "nosuid"], "/d"),
+    ];
+    let decisions = decide_with(&config(), &mounts, SHARED_ROOT);
+    assert_eq!(
+        decisions
+            .iter()
+            .map(|d| (d.container_path.as_str(), d.decision.clone()))
+            .collect::<Vec<_>>(),
+        [("/d", Decision::Rslave)]
+    );
 }
