@@ -51,6 +51,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
+use tonic::Code;
 use tracing::Instrument;
 
 use crate::config::{PropagationConfig, PropagationMode};
@@ -78,6 +79,9 @@ pub enum Decision {
     Rslave,
     /// Leave it private, as Docker's fallback did, and say why.
     KeepPrivate(&'static str),
+    /// Was rslave, but containerd refused the edited request (its message, cut to fit the
+    /// annotation): the original went instead, so the mount is private.
+    Refused(String),
 }
 
 impl Decision {
@@ -87,7 +91,40 @@ impl Decision {
             Decision::Rslave => "rslave",
             Decision::KeepPrivate(why) if *why == RECURSIVE_READ_ONLY => "recursive_read_only",
             Decision::KeepPrivate(_) => "private_fallback",
+            Decision::Refused(_) => "refused_original_sent",
         }
+    }
+
+    /// What became of this decision when containerd refused the edited request with `message`.
+    fn refused(self, message: &str) -> Decision {
+        match self {
+            Decision::Rslave => Decision::Refused(refusal_text(message)),
+            kept => kept,
+        }
+    }
+}
+
+/// Longest part of containerd's refusal kept in the annotation, in characters.
+const REFUSAL_CHARS: usize = 100;
+
+/// containerd's refusal as the annotation can hold it: one line, no `,` (the annotation's
+/// separator: written `;`), its last [`REFUSAL_CHARS`] characters (`...` marks the cut). The
+/// end, because Go wraps an error in its callers' context: the cause comes last (`failed to
+/// generate container "<64 hex>" spec: ... is not a shared or slave mount`); the whole message
+/// is in the log.
+fn refusal_text(message: &str) -> String {
+    let clean: String = message
+        .chars()
+        .map(|c| match c {
+            ',' => ';',
+            c if c.is_control() => ' ',
+            c => c,
+        })
+        .collect();
+    let clean = clean.trim();
+    match clean.char_indices().rev().nth(REFUSAL_CHARS - 1) {
+        Some((cut, _)) if cut > 0 => format!("...{}", &clean[cut..]),
+        _ => clean.to_string(),
     }
 }
 
@@ -96,6 +133,7 @@ impl fmt::Display for Decision {
         match self {
             Decision::Rslave => f.write_str("rslave"),
             Decision::KeepPrivate(why) => write!(f, "private({why})"),
+            Decision::Refused(message) => write!(f, "private(refused: {message})"),
         }
     }
 }
@@ -391,14 +429,33 @@ pub fn edits(decisions: &[MountDecision]) -> Vec<Edit> {
             },
         })
         .collect();
-    edits.push(Edit {
+    edits.push(annotate(&annotation(decisions)));
+    edits
+}
+
+/// The edit that appends the decision annotation `text` to the container's annotations.
+fn annotate(text: &str) -> Edit {
+    Edit {
         path: vec![Step::Field(CREATE_CONFIG)],
         op: Op::Append {
             field: CONFIG_ANNOTATIONS,
-            value: wire::map_entry(DECISION_ANNOTATION, &annotation(decisions)),
+            value: wire::map_entry(DECISION_ANNOTATION, text),
         },
-    });
-    edits
+    }
+}
+
+/// Whether `reply` is containerd refusing the create: a gRPC status other than OK, and not one
+/// that leaves the first create possibly still running in containerd (CANCELLED,
+/// DEADLINE_EXCEEDED, UNAVAILABLE, or a reset stream), where sending it again could race it.
+pub fn refusal(reply: &Reply) -> Option<tonic::Status> {
+    if reply.is_reset() {
+        return None;
+    }
+    let status = reply.status();
+    match status.code() {
+        Code::Ok | Code::Cancelled | Code::DeadlineExceeded | Code::Unavailable => None,
+        _ => Some(status),
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -548,6 +605,8 @@ impl Propagation {
         let decided = tokio::task::spawn_blocking(move || {
             let decisions = decider.decide(&mounts);
             drop(permit);
+            #[cfg(feature = "test-hooks")]
+            after_decide_hook();
             decisions
         });
         let decisions = match tokio::time::timeout(self.timeout, decided).await {
@@ -584,6 +643,8 @@ impl Propagation {
                     container_path = %d.container_path, source = %d.source.display(), reason = why,
                     "keeping rprivate, as Docker's fallback did"
                 ),
+                // Only made after containerd answered (forward_edited logs it).
+                Decision::Refused(_) => {}
             }
         }
         if self.config.mode == PropagationMode::DryRun {
@@ -591,21 +652,86 @@ impl Propagation {
             return Forwarded::as_it_came(call).await;
         }
         match wire::apply(&call.message, &edits(&decisions)) {
-            Ok(edited) => {
-                for d in &decisions {
-                    self.count(d.decision.result(), 1);
-                }
-                Forwarded {
-                    reply: call.forward(&edited).await,
-                    decision: Some(annotation(&decisions)),
-                }
-            }
+            Ok(edited) => self.forward_edited(call, &edited, decisions).await,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot edit CreateContainer; forwarding unchanged");
                 self.count("error", decisions.len());
                 Forwarded::as_it_came(call).await
             }
         }
+    }
+}
+
+impl Propagation {
+    /// Forwards the `edited` request. If containerd refuses it (see [`refusal`]) and dockhand
+    /// asked for rslave, the original goes once instead and its answer is the caller's: a create
+    /// that works without dockhand works with it, whatever the reason containerd had (one the
+    /// rule could not foresee, such as a host mount made private after deciding). The cost is
+    /// one more call, on refusal only.
+    ///
+    /// The original goes with the decision annotation appended, now saying `private(refused:
+    /// <containerd's message>)`, and nothing else changed: annotations are the one part of a
+    /// request a runtime stores without acting on it (CRI: they "SHOULD NOT influence runtime
+    /// behaviour"), and `crictl inspect`, the audit and the lifecycle record then say what
+    /// happened to that container.
+    async fn forward_edited(
+        &self,
+        call: &UnaryCall,
+        edited: &[u8],
+        decisions: Vec<MountDecision>,
+    ) -> Forwarded {
+        let reply = call.forward(edited).await;
+        let rewrote = decisions.iter().any(|d| d.decision == Decision::Rslave);
+        let refused = if rewrote { refusal(&reply) } else { None };
+        let (reply, decisions) = match refused {
+            None => (reply, decisions),
+            Some(status) => {
+                tracing::warn!(
+                    code = ?status.code(), message = %status.message(),
+                    "containerd refused CreateContainer with rslave; sending the original"
+                );
+                let decisions: Vec<MountDecision> = decisions
+                    .into_iter()
+                    .map(|d| MountDecision {
+                        decision: d.decision.refused(status.message()),
+                        ..d
+                    })
+                    .collect();
+                let text = annotation(&decisions);
+                let reply = match wire::apply(&call.message, &[annotate(&text)]) {
+                    Ok(original) => call.forward(&original).await,
+                    // Unreachable: the same bytes took the full edit above.
+                    Err(_) => {
+                        return Forwarded::as_it_came(call).await;
+                    }
+                };
+                (reply, decisions)
+            }
+        };
+        for d in &decisions {
+            self.count(d.decision.result(), 1);
+        }
+        Forwarded {
+            reply,
+            decision: Some(annotation(&decisions)),
+        }
+    }
+}
+
+/// Test hook, only in builds with the `test-hooks` feature (the integration tests'; never
+/// `make install`'s): a shell command run after each decision, before the request is forwarded
+/// (e.g. to make a host mount private between deciding and containerd's own check).
+#[cfg(feature = "test-hooks")]
+pub const AFTER_DECIDE_ENV: &str = "DOCKHAND_PROPAGATION_AFTER_DECIDE";
+
+#[cfg(feature = "test-hooks")]
+fn after_decide_hook() {
+    if let Some(command) = std::env::var_os(AFTER_DECIDE_ENV) {
+        let status = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&command)
+            .status();
+        tracing::warn!(?command, ?status, "ran {AFTER_DECIDE_ENV}");
     }
 }
 

@@ -415,3 +415,58 @@ fn a_propagation_in_mount_options_is_left_alone() {
         [("/d", Decision::Rslave)]
     );
 }
+
+#[test]
+fn a_refusal_is_kept_short_on_one_line_and_without_the_separator() {
+    assert_eq!(
+        refusal_text("not a shared, or slave\nmount"),
+        "not a shared; or slave mount"
+    );
+    // The end is kept: Go puts the cause last.
+    let long = format!("{}{}", "a".repeat(50), "é".repeat(100));
+    assert_eq!(refusal_text(&long), format!("...{}", "é".repeat(100)));
+    let exact = "é".repeat(100);
+    assert_eq!(refusal_text(&exact), exact);
+    let decisions = [MountDecision {
+        index: 0,
+        container_path: "/rootfs".into(),
+        source: "/".into(),
+        decision: Decision::Rslave.refused("no, thanks"),
+    }];
+    let text = annotation(&decisions);
+    assert_eq!(text, "/rootfs=private(refused: no; thanks)");
+    assert_eq!(
+        recorded_decision(&text, "/rootfs"),
+        Some(Recorded::Private {
+            reason: "refused: no; thanks".into()
+        })
+    );
+    // A decision that kept private stays what it was.
+    assert_eq!(
+        Decision::KeepPrivate(RECURSIVE_READ_ONLY).refused("x"),
+        Decision::KeepPrivate(RECURSIVE_READ_ONLY)
+    );
+}
+
+#[test]
+fn only_a_finished_refusal_is_one() {
+    use crate::grpc::Reply;
+    use tonic::{Code, Status};
+    for code in [
+        Code::Unknown,
+        Code::InvalidArgument,
+        Code::NotFound,
+        Code::AlreadyExists,
+        Code::FailedPrecondition,
+        Code::Internal,
+    ] {
+        let refused = refusal(&Reply::error(Status::new(code, "no")));
+        assert_eq!(refused.map(|s| s.code()), Some(code));
+    }
+    for code in [Code::Cancelled, Code::DeadlineExceeded, Code::Unavailable] {
+        assert!(refusal(&Reply::error(Status::new(code, "maybe running"))).is_none());
+    }
+    assert!(refusal(&Reply::reset(h2::Reason::CANCEL)).is_none());
+    assert!(refusal(&Reply::reset(h2::Reason::INTERNAL_ERROR)).is_none());
+    assert!(refusal(&Reply::ok(b"")).is_none());
+}
