@@ -379,7 +379,6 @@ fn image_volumes_are_left_alone() {
         Mount {
             image: Some(ImageSpec {
                 image: "registry/data:1".into(),
-                ..Default::default()
             }),
             host_path: String::new(),
             ..private("/", "/image")
