@@ -256,4 +256,24 @@ mod tests {
         assert_eq!(json["status"], "at-risk");
         assert_eq!(json["propagation"], "rprivate");
     }
+
+    /// A recursive read-only mount is private on Docker too (and containerd refuses anything
+    /// else): not at risk, with or without dockhand's decision.
+    #[test]
+    fn a_recursive_read_only_mount_is_not_at_risk() {
+        let rule = Rule::new(&Config::default().propagation);
+        let mounts = [Mount {
+            readonly: true,
+            recursive_read_only: true,
+            ..mount("/", "/rootfs", MountPropagation::PropagationPrivate)
+        }];
+        let found = findings_for(&rule, &HashMap::new(), &HashMap::new(), "c1", &mounts);
+        assert_eq!(
+            found
+                .iter()
+                .map(|f| (f.propagation, f.status))
+                .collect::<Vec<_>>(),
+            [(Got::Rprivate, Status::Fallback)]
+        );
+    }
 }
