@@ -539,15 +539,17 @@ async fn fake_section() {
 fn edit_section() {
     use dockhand::config::PropagationConfig;
     use dockhand::testing::{decide, edits, Rule};
+    // Read as the proxy reads it: the view (protos::view).
+    use dockhand_protos::view;
     let kubelet = tempfile::tempdir().unwrap();
     let create = realistic_create(kubelet.path());
-    let request = cri::CreateContainerRequest::decode(create.clone()).unwrap();
+    let request = view::CreateContainerRequest::decode(create.clone()).unwrap();
     let rule = Rule::new(&PropagationConfig::default());
     let table_text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let n = 20_000;
     let started = Instant::now();
     for _ in 0..n {
-        let request = cri::CreateContainerRequest::decode(create.clone()).unwrap();
+        let request = view::CreateContainerRequest::decode(create.clone()).unwrap();
         let decisions = decide(&rule, &request.config.as_ref().unwrap().mounts, || {
             Ok::<_, std::convert::Infallible>(dockhand_host::mountinfo::MountTable::parse(
                 &table_text,
@@ -568,7 +570,7 @@ fn edit_section() {
         us(started.elapsed() / n)
     };
     let decode = time(&mut || {
-        std::hint::black_box(cri::CreateContainerRequest::decode(create.clone()).unwrap());
+        std::hint::black_box(view::CreateContainerRequest::decode(create.clone()).unwrap());
     });
     let decide_only = time(&mut || {
         std::hint::black_box(decide(

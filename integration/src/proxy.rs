@@ -22,12 +22,23 @@ pub struct ProxyProcess {
     bin: PathBuf,
     dir: PathBuf,
     child: Option<Child>,
+    /// Extra environment of the proxy process (e.g. a `test-hooks` hook).
+    env: Vec<(String, String)>,
 }
 
 impl ProxyProcess {
     /// Writes `<dir>/dockhand.toml` (`listen`, `containerd`, then `extra_toml`) in a fresh
     /// directory of the node's temp dir, starts the proxy and waits until its socket accepts.
     pub async fn start(node: &Node, extra_toml: &str) -> Result<ProxyProcess> {
+        ProxyProcess::start_with_env(node, extra_toml, &[]).await
+    }
+
+    /// [`ProxyProcess::start`], the proxy's environment extended with `env`.
+    pub async fn start_with_env(
+        node: &Node,
+        extra_toml: &str,
+        env: &[(&str, &str)],
+    ) -> Result<ProxyProcess> {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let bin = proxy_binary()?;
         let dir = node
@@ -48,6 +59,10 @@ impl ProxyProcess {
             bin,
             dir,
             child: None,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         proxy.spawn().await?;
         Ok(proxy)
@@ -72,6 +87,7 @@ impl ProxyProcess {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

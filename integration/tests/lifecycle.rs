@@ -274,6 +274,38 @@ async fn a_container_created_through_dockhand_is_staged_without_asking_container
     assert_archived(node).await;
 }
 
+/// cri-api v0.37's kubelet: an env value from a binary Secret is not UTF-8 (`KeyValue.value` is
+/// `bytes`), which dockhand's CRI types cannot decode. The record is still kept.
+#[tokio::test]
+async fn a_container_with_a_non_utf8_env_value_is_recorded_too() {
+    let node = Node::start().await;
+    let mut request =
+        CreateContainerRequest::decode(create_request(&node.log_directory).as_slice()).unwrap();
+    request.config.as_mut().unwrap().envs = vec![dockhand_protos::cri::KeyValue {
+        key: "FROM_A_BINARY_SECRET".into(),
+        value: "placeholder".into(),
+    }];
+    let mut bytes = request.encode_to_vec();
+    let at = bytes.windows(11).position(|w| w == b"placeholder").unwrap();
+    bytes[at..at + 11].copy_from_slice(b"\xff\xfe\x00binary!!");
+    assert!(CreateContainerRequest::decode(bytes.as_slice()).is_err());
+    unary(node.proxy.socket(), CREATE, bytes)
+        .await
+        .expect("create");
+    unary(node.proxy.socket(), START, start_request())
+        .await
+        .expect("start");
+    assert_eq!(
+        (
+            node.fake.seen_for(STATUS).len(),
+            node.fake.seen_for(SANDBOX_STATUS).len()
+        ),
+        (0, 0),
+        "the record said where the log is"
+    );
+    assert_archived(node).await;
+}
+
 #[tokio::test]
 async fn a_container_created_before_dockhand_is_looked_up_in_containerd() {
     let node = Node::start().await;

@@ -15,9 +15,10 @@ use bytes::Bytes;
 use dockhand_integration::fake::{Answer, FakeUpstream};
 use dockhand_protos::codec::{RawCodec, MAX_MESSAGE_BYTES};
 use dockhand_protos::cri::{
-    ContainerConfig, ContainerMetadata, CreateContainerRequest, Mount, MountPropagation,
+    ContainerConfig, ContainerMetadata, CreateContainerRequest, KeyValue, Mount, MountPropagation,
     PodSandboxConfig, PodSandboxMetadata,
 };
+use dockhand_protos::wire;
 use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
 use prost::Message;
@@ -442,4 +443,166 @@ async fn a_proxy_with_a_decision_stuck_on_a_hung_path_exits_on_sigterm() {
     assert!(status.success(), "{status:?}");
     // The filesystem was still hung all along (it is released only when `hung` drops).
     assert!(hung.connection.is_some());
+}
+
+/// A mount the rule covers, as cri-api v0.37's kubelet sends it: `mount_options` (field 11,
+/// unknown to dockhand's CRI types) on the mount, and an env value that is not UTF-8 (v0.37's
+/// `KeyValue.value` is `bytes`), which dockhand's CRI types cannot decode.
+fn v037_request(host_path: &Path) -> Vec<u8> {
+    let mut request =
+        CreateContainerRequest::decode(create_request(host_path, &[]).as_slice()).expect("decodes");
+    let config = request.config.as_mut().expect("config");
+    config.envs = vec![KeyValue {
+        key: "FROM_A_BINARY_SECRET".into(),
+        value: "placeholder".into(),
+    }];
+    let mut bytes = request.encode_to_vec();
+    let at = bytes
+        .windows(11)
+        .position(|w| w == b"placeholder")
+        .expect("the env value");
+    bytes[at..at + 11].copy_from_slice(b"\xff\xfe\x00binary!!");
+    assert!(CreateContainerRequest::decode(bytes.as_slice()).is_err());
+    wire::apply(
+        &bytes,
+        &[wire::Edit {
+            path: vec![wire::Step::Field(2), wire::Step::Item(7, 0)],
+            op: wire::Op::Append {
+                field: 11,
+                value: b"nodev".to_vec(),
+            },
+        }],
+    )
+    .expect("mount_options added")
+}
+
+/// The one byte edit dockhand makes: the mount's propagation (field 5) set to HOST_TO_CONTAINER
+/// and the decision annotation appended, by the wire editor, to `sent`.
+fn expected_rslave(sent: &[u8]) -> Vec<u8> {
+    let mount = vec![wire::Step::Field(2), wire::Step::Item(7, 0)];
+    wire::apply(
+        sent,
+        &[
+            wire::Edit {
+                path: mount,
+                op: wire::Op::SetVarint {
+                    field: 5,
+                    value: MountPropagation::PropagationHostToContainer as u64,
+                },
+            },
+            wire::Edit {
+                path: vec![wire::Step::Field(2)],
+                op: wire::Op::Append {
+                    field: 10,
+                    value: wire::map_entry("dockhand.io/mount-propagation", "/data=rslave"),
+                },
+            },
+        ],
+    )
+    .expect("edit")
+}
+
+#[tokio::test]
+async fn a_v037_request_is_decided_and_reaches_containerd_unchanged_but_for_propagation() {
+    let (_dir, root) = temp_root();
+    let shared = SharedTmpfs::mount(&root.join("shared"));
+    let fake = FakeUpstream::start(|_, _| Answer::Message(Bytes::new())).await;
+    let proxy = Proxy::start(fake.socket(), &config("enforce", &shared.path)).await;
+    let request = v037_request(&shared.path.join("data"));
+    create(&proxy.socket, &request)
+        .await
+        .expect("create goes through");
+    let received = received(&fake);
+    assert_eq!(
+        received.as_ref(),
+        expected_rslave(&request).as_slice(),
+        "every byte but the propagation and the annotation as sent"
+    );
+    assert_eq!(proxy.rewrites("rslave"), 1);
+}
+/// A refusal code the fallback acts on, the message containerd gives for rslave on a private
+/// host mount.
+const REFUSED: &str = "failed to generate container \"x\" spec: failed to generate spec: path \
+    \"/data\" is mounted on \"/data\" but it is not a shared or slave mount";
+
+/// Whether `message` asks containerd for HOST_TO_CONTAINER on its first mount.
+fn asks_rslave(message: &[u8]) -> bool {
+    CreateContainerRequest::decode(message)
+        .ok()
+        .and_then(|r| r.config)
+        .is_some_and(|c| {
+            c.mounts[0].propagation == MountPropagation::PropagationHostToContainer as i32
+        })
+}
+
+#[tokio::test]
+async fn a_refused_rewrite_sends_the_original_once_and_returns_its_answer() {
+    let (_dir, root) = temp_root();
+    let shared = SharedTmpfs::mount(&root.join("shared"));
+    let fake = FakeUpstream::start(|_, message| {
+        if asks_rslave(message) {
+            Answer::Status(tonic::Code::Unknown, REFUSED.into())
+        } else {
+            Answer::Message(Bytes::from_static(b"\x0a\x02id"))
+        }
+    })
+    .await;
+    let proxy = Proxy::start(fake.socket(), &config("enforce", &shared.path)).await;
+    let request = create_request(&shared.path.join("data"), &[]);
+    let answer = create(&proxy.socket, &request)
+        .await
+        .expect("the original's answer");
+    assert_eq!(answer.as_ref(), b"\x0a\x02id");
+    let seen = fake.seen_for(CREATE);
+    assert_eq!(seen.len(), 2, "the edited request, then the original");
+    assert_rslave(&seen[0].message(), &request);
+    // The original, with only the decision annotation appended, saying why.
+    let mut expected = request.clone();
+    let annotation = "/data=private(refused: ...c: failed to generate spec: path \"/data\" is \
+        mounted on \"/data\" but it is not a shared or slave mount)";
+    expected = wire::apply(
+        &expected,
+        &[wire::Edit {
+            path: vec![wire::Step::Field(2)],
+            op: wire::Op::Append {
+                field: 10,
+                value: wire::map_entry("dockhand.io/mount-propagation", annotation),
+            },
+        }],
+    )
+    .expect("edit");
+    assert_unchanged(&seen[1].message(), &expected);
+    assert_eq!(proxy.rewrites("refused_original_sent"), 1);
+    assert_eq!(proxy.rewrites("rslave"), 0);
+}
+
+/// CANCELLED, DEADLINE_EXCEEDED, UNAVAILABLE and a reset may leave the first create running in
+/// containerd: the caller gets that answer and nothing is sent again.
+#[tokio::test]
+async fn no_second_create_when_the_first_may_still_be_running() {
+    let (_dir, root) = temp_root();
+    let shared = SharedTmpfs::mount(&root.join("shared"));
+    for answer in [
+        Answer::Status(tonic::Code::Unavailable, "connection lost".into()),
+        Answer::Status(tonic::Code::DeadlineExceeded, "too slow".into()),
+        Answer::Status(tonic::Code::Cancelled, "cancelled".into()),
+        Answer::Reset(h2::Reason::CANCEL),
+    ] {
+        let expected = match &answer {
+            Answer::Status(code, _) => *code,
+            _ => tonic::Code::Cancelled,
+        };
+        let answer = std::sync::Mutex::new(Some(answer));
+        let fake = FakeUpstream::start(move |path, _| {
+            let first = (path == CREATE).then(|| answer.lock().unwrap().take());
+            first.flatten().unwrap_or(Answer::Message(Bytes::new()))
+        })
+        .await;
+        let proxy = Proxy::start(fake.socket(), &config("enforce", &shared.path)).await;
+        let request = create_request(&shared.path.join("data"), &[]);
+        let err = create(&proxy.socket, &request).await.unwrap_err();
+        assert_eq!(err.code(), expected, "{err:?}");
+        assert_eq!(fake.seen_for(CREATE).len(), 1, "{expected:?}");
+        assert_eq!(proxy.rewrites("refused_original_sent"), 0);
+    }
 }

@@ -231,6 +231,11 @@ impl Reply {
         self.status().code()
     }
 
+    /// Whether containerd reset the stream (no gRPC status came).
+    pub fn is_reset(&self) -> bool {
+        self.reset.is_some()
+    }
+
     /// The response message of a successful call.
     pub fn message(&self) -> Option<Bytes> {
         if self.code() != Code::Ok {

@@ -123,6 +123,22 @@ mod tests {
             .lookup("/runtime.v1alpha2.RuntimeService/CreateContainer")
             .is_none());
         assert!(table.lookup("/runtime.v1.RuntimeService/Version").is_none());
+        // cri-api v0.37's newer methods pass through untouched.
+        for method in [
+            "StreamPodSandboxes",
+            "StreamContainers",
+            "StreamContainerStats",
+            "StreamPodSandboxStats",
+            "StreamPodSandboxMetrics",
+            "CheckpointPod",
+            "RestorePod",
+        ] {
+            let path = format!("/runtime.v1.RuntimeService/{method}");
+            assert!(table.lookup(&path).is_none(), "{path}");
+        }
+        assert!(table
+            .lookup("/runtime.v1.ImageService/StreamImages")
+            .is_none());
         assert!(table
             .lookup("/runtime.v1.RuntimeService/createcontainer")
             .is_none());

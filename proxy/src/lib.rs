@@ -36,5 +36,5 @@ mod upstream;
 pub mod testing {
     pub use crate::archive::store::{Appended, ContainerMeta, Store};
     pub use crate::archive::PAUSE_ENV;
-    pub use crate::propagation::{decide, edits, Rule};
+    pub use crate::propagation::{decide, edits, Rule, AFTER_DECIDE_ENV};
 }

@@ -15,7 +15,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use dockhand_host::ContainerId;
-use dockhand_protos::cri::{ContainerConfig, CreateContainerRequest, CreateContainerResponse};
+use dockhand_protos::cri::CreateContainerResponse;
+use dockhand_protos::view::{ContainerConfig, CreateContainerRequest};
 use futures::future::BoxFuture;
 use prost::Message;
 
@@ -59,8 +60,10 @@ pub struct PodRef {
 }
 
 impl Created {
-    /// The record of a CreateContainer `request` (only what is kept is copied: not its mounts,
-    /// devices or environment). The decision annotation, when dockhand adds one, is added after.
+    /// The record of a CreateContainer `request`, read through its view (`protos::view`), which
+    /// names only what is kept and what propagation reads: a request whose environment or
+    /// devices do not decode with dockhand's CRI types is still recorded. The decision
+    /// annotation, when dockhand adds one, is added after.
     pub fn new(request: &CreateContainerRequest) -> Created {
         let default = ContainerConfig::default();
         let config = request.config.as_ref().unwrap_or(&default);
@@ -203,7 +206,8 @@ impl CreateContainer {
 impl Interceptor for CreateContainer {
     fn handle(&self, call: UnaryCall) -> BoxFuture<'_, Reply> {
         Box::pin(async move {
-            // Decoded once: the record keeps what it needs, propagation takes the rest.
+            // Decoded once, as a view (only the fields read): the record keeps what it needs,
+            // propagation takes the rest.
             let request = call.decode::<CreateContainerRequest>().ok();
             let created = request.as_ref().map(Created::new);
             let forwarded = self.propagation.forward(&call, request).await;
@@ -226,13 +230,14 @@ impl Interceptor for CreateContainer {
 mod tests {
     use super::*;
     use dockhand_protos::cri::{
-        ContainerConfig, ContainerMetadata, ImageSpec, PodSandboxConfig, PodSandboxMetadata,
+        self, ContainerMetadata, ImageSpec, KeyValue, PodSandboxConfig, PodSandboxMetadata,
     };
 
+    /// The request as kubelet encodes it, read as the handler reads it.
     fn request(log_path: &str) -> CreateContainerRequest {
-        CreateContainerRequest {
+        let request = cri::CreateContainerRequest {
             pod_sandbox_id: "sandbox".into(),
-            config: Some(ContainerConfig {
+            config: Some(cri::ContainerConfig {
                 metadata: Some(ContainerMetadata {
                     name: "app".into(),
                     attempt: 2,
@@ -244,14 +249,24 @@ mod tests {
                 log_path: log_path.into(),
                 labels: [("io.kubernetes.pod.name".to_string(), "web".to_string())].into(),
                 annotations: [("a".to_string(), "b".to_string())].into(),
-                ..ContainerConfig::default()
+                envs: vec![KeyValue {
+                    key: "K".into(),
+                    value: "not-utf8".into(),
+                }],
+                ..cri::ContainerConfig::default()
             }),
             sandbox_config: Some(PodSandboxConfig {
                 metadata: Some(PodSandboxMetadata::default()),
                 log_directory: "/var/log/pods/ns_web_uid".into(),
                 ..PodSandboxConfig::default()
             }),
-        }
+        };
+        let mut bytes = request.encode_to_vec();
+        // cri-api v0.37's env values are bytes: one that is not UTF-8 is still recorded.
+        let at = bytes.windows(8).position(|w| w == b"not-utf8").unwrap();
+        bytes[at] = 0xff;
+        assert!(cri::CreateContainerRequest::decode(bytes.as_slice()).is_err());
+        CreateContainerRequest::decode(bytes.as_slice()).unwrap()
     }
 
     fn id(n: usize) -> ContainerId {

@@ -8,6 +8,34 @@
 //! `PROPAGATION_HOST_TO_CONTAINER` only when the host mount can take it, and otherwise leaves the
 //! mount private, as Docker did. Paths are compared by components after resolving symlinks the
 //! way containerd will, so `/var/lib/doc` never matches `/var/lib/docker`.
+//!
+//! What each field of a CRI `Mount` (cri-api v0.37) means for the rule:
+//! - `container_path` (1): only named in the decision annotation.
+//! - `host_path` (2): the rule's subject; empty or relative: left alone (containerd's to judge).
+//! - `readonly` (3): no effect (Docker gave read-only binds rslave too; containerd accepts it).
+//! - `selinux_relabel` (4): no effect (containerd relabels the source whatever the propagation).
+//! - `propagation` (5): only `PROPAGATION_PRIVATE` (what kubelet sends for `None`) is a
+//!   candidate; `HOST_TO_CONTAINER`, `BIDIRECTIONAL` and values this proto does not know are the
+//!   pod's explicit choice and left alone.
+//! - `uidMappings`/`gidMappings` (6, 7): no effect (an idmapped bind takes rslave like any bind;
+//!   a runtime that refused it would get the original request, see [`Propagation`]).
+//! - `recursive_read_only` (8): containerd and runc require private propagation for it
+//!   (`recursive read-only mount needs private propagation`), and so did Docker: the mount keeps
+//!   its propagation, decided `private(recursive read-only)`.
+//! - `image` (9), `image_sub_path` (10): an image volume, mounted by containerd from a snapshot
+//!   (its host path must be empty): not a bind of a host path, left alone.
+//! - `mount_options` (11, cri-api v0.37): bind options the runtime adds; one that names a
+//!   propagation (`rslave`, `private`, ...) is the pod's explicit choice: left alone. Others
+//!   (`noexec`, `nodev`, ...) have no effect.
+//!
+//! The request is read through `protos::view`, which names only these fields (and the record's):
+//! a field the rule does not read can change type, as `KeyValue.value` did in v0.37, and the
+//! request is still decided.
+//!
+//! And of `ContainerConfig`: only `mounts` and `annotations` (where the decision goes) matter.
+//! User namespaces (`linux.security_context.namespace_options.userns_options`), privileged, a
+//! read-only rootfs, devices and the rest do not change what the host's mount table allows; the
+//! pod's own opt-out is read from `PodSandboxConfig.annotations`.
 
 use std::borrow::Borrow;
 use std::collections::HashMap;
@@ -16,12 +44,14 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use dockhand_protos::cri::{CreateContainerRequest, Mount, MountPropagation};
+use dockhand_protos::cri::MountPropagation;
+use dockhand_protos::view::{CreateContainerRequest, Mount};
 use dockhand_protos::wire::{self, Edit, Op, Step};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
+use tonic::Code;
 use tracing::Instrument;
 
 use crate::config::{PropagationConfig, PropagationMode};
@@ -49,6 +79,53 @@ pub enum Decision {
     Rslave,
     /// Leave it private, as Docker's fallback did, and say why.
     KeepPrivate(&'static str),
+    /// Was rslave, but containerd refused the edited request (its message, cut to fit the
+    /// annotation): the original went instead, so the mount is private.
+    Refused(String),
+}
+
+impl Decision {
+    /// The `result` label it is counted under in `dockhand_propagation_rewrites_total`.
+    fn result(&self) -> &'static str {
+        match self {
+            Decision::Rslave => "rslave",
+            Decision::KeepPrivate(why) if *why == RECURSIVE_READ_ONLY => "recursive_read_only",
+            Decision::KeepPrivate(_) => "private_fallback",
+            Decision::Refused(_) => "refused_original_sent",
+        }
+    }
+
+    /// What became of this decision when containerd refused the edited request with `message`.
+    fn refused(self, message: &str) -> Decision {
+        match self {
+            Decision::Rslave => Decision::Refused(refusal_text(message)),
+            kept => kept,
+        }
+    }
+}
+
+/// Longest part of containerd's refusal kept in the annotation, in characters.
+const REFUSAL_CHARS: usize = 100;
+
+/// containerd's refusal as the annotation can hold it: one line, no `,` (the annotation's
+/// separator: written `;`), its last [`REFUSAL_CHARS`] characters (`...` marks the cut). The
+/// end, because Go wraps an error in its callers' context: the cause comes last (`failed to
+/// generate container "<64 hex>" spec: ... is not a shared or slave mount`); the whole message
+/// is in the log.
+fn refusal_text(message: &str) -> String {
+    let clean: String = message
+        .chars()
+        .map(|c| match c {
+            ',' => ';',
+            c if c.is_control() => ' ',
+            c => c,
+        })
+        .collect();
+    let clean = clean.trim();
+    match clean.char_indices().rev().nth(REFUSAL_CHARS - 1) {
+        Some((cut, _)) if cut > 0 => format!("...{}", &clean[cut..]),
+        _ => clean.to_string(),
+    }
 }
 
 impl fmt::Display for Decision {
@@ -56,6 +133,7 @@ impl fmt::Display for Decision {
         match self {
             Decision::Rslave => f.write_str("rslave"),
             Decision::KeepPrivate(why) => write!(f, "private({why})"),
+            Decision::Refused(message) => write!(f, "private(refused: {message})"),
         }
     }
 }
@@ -69,11 +147,32 @@ pub struct MountDecision {
     pub decision: Decision,
 }
 
+/// The reason a recursive read-only mount keeps its propagation.
+pub const RECURSIVE_READ_ONLY: &str = "recursive read-only";
+
+/// OCI mount options that set a propagation (runc's list).
+const PROPAGATION_OPTIONS: [&str; 8] = [
+    "private",
+    "rprivate",
+    "shared",
+    "rshared",
+    "slave",
+    "rslave",
+    "unbindable",
+    "runbindable",
+];
+
 /// Whether the rule looks at `mount` at all, before any host path is read: propagation left to
-/// the runtime (PRIVATE) and an absolute host path.
+/// the runtime (PRIVATE, and none among its mount options), an absolute host path, and not an
+/// image volume.
 pub fn is_candidate(mount: &Mount) -> bool {
     mount.propagation == MountPropagation::PropagationPrivate as i32
         && Path::new(&mount.host_path).is_absolute()
+        && mount.image.is_none()
+        && !mount
+            .mount_options
+            .iter()
+            .any(|o| PROPAGATION_OPTIONS.contains(&o.trim()))
 }
 
 /// Docker's rule (plus the operator's extra paths), with its roots resolved once.
@@ -121,18 +220,24 @@ pub fn decide<T: Borrow<MountTable>, E: fmt::Display>(
     if matched.is_empty() {
         return Vec::new();
     }
-    let table = table();
-    if let Err(e) = &table {
+    // A recursive read-only mount is decided without the host's mount table.
+    let table = matched
+        .iter()
+        .any(|(_, m, _)| !m.recursive_read_only)
+        .then(table);
+    if let Some(Err(e)) = &table {
         tracing::warn!(error = %e, "cannot read the host's mount table; leaving mounts private");
     }
     matched
         .into_iter()
         .map(|(index, mount, source)| {
             let decision = match &table {
-                Err(_) => Decision::KeepPrivate("host mount table unreadable"),
+                // containerd refuses any other propagation for it (and runc cannot do it).
+                _ if mount.recursive_read_only => Decision::KeepPrivate(RECURSIVE_READ_ONLY),
+                None | Some(Err(_)) => Decision::KeepPrivate("host mount table unreadable"),
                 // The mount containerd itself will check (its `mount.Lookup` rule), so that dockhand
                 // never asks for rslave where containerd would refuse it.
-                Ok(table) => match table
+                Some(Ok(table)) => match table
                     .borrow()
                     .containerd_lookup(&source)
                     .map(|e| e.propagation)
@@ -324,14 +429,33 @@ pub fn edits(decisions: &[MountDecision]) -> Vec<Edit> {
             },
         })
         .collect();
-    edits.push(Edit {
+    edits.push(annotate(&annotation(decisions)));
+    edits
+}
+
+/// The edit that appends the decision annotation `text` to the container's annotations.
+fn annotate(text: &str) -> Edit {
+    Edit {
         path: vec![Step::Field(CREATE_CONFIG)],
         op: Op::Append {
             field: CONFIG_ANNOTATIONS,
-            value: wire::map_entry(DECISION_ANNOTATION, &annotation(decisions)),
+            value: wire::map_entry(DECISION_ANNOTATION, text),
         },
-    });
-    edits
+    }
+}
+
+/// Whether `reply` is containerd refusing the create: a gRPC status other than OK, and not one
+/// that leaves the first create possibly still running in containerd (CANCELLED,
+/// DEADLINE_EXCEEDED, UNAVAILABLE, or a reset stream), where sending it again could race it.
+pub fn refusal(reply: &Reply) -> Option<tonic::Status> {
+    if reply.is_reset() {
+        return None;
+    }
+    let status = reply.status();
+    match status.code() {
+        Code::Ok | Code::Cancelled | Code::DeadlineExceeded | Code::Unavailable => None,
+        _ => Some(status),
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -481,6 +605,8 @@ impl Propagation {
         let decided = tokio::task::spawn_blocking(move || {
             let decisions = decider.decide(&mounts);
             drop(permit);
+            #[cfg(feature = "test-hooks")]
+            after_decide_hook();
             decisions
         });
         let decisions = match tokio::time::timeout(self.timeout, decided).await {
@@ -509,10 +635,16 @@ impl Propagation {
                     dry_run = self.config.mode == PropagationMode::DryRun,
                     "bind mount gets rslave, as on Docker"
                 ),
+                Decision::KeepPrivate(why) if *why == RECURSIVE_READ_ONLY => tracing::info!(
+                    container_path = %d.container_path, source = %d.source.display(), reason = why,
+                    "keeping rprivate: a recursive read-only mount needs it"
+                ),
                 Decision::KeepPrivate(why) => tracing::warn!(
                     container_path = %d.container_path, source = %d.source.display(), reason = why,
                     "keeping rprivate, as Docker's fallback did"
                 ),
+                // Only made after containerd answered (forward_edited logs it).
+                Decision::Refused(_) => {}
             }
         }
         if self.config.mode == PropagationMode::DryRun {
@@ -520,24 +652,86 @@ impl Propagation {
             return Forwarded::as_it_came(call).await;
         }
         match wire::apply(&call.message, &edits(&decisions)) {
-            Ok(edited) => {
-                let rslave = decisions
-                    .iter()
-                    .filter(|d| d.decision == Decision::Rslave)
-                    .count();
-                self.count("rslave", rslave);
-                self.count("private_fallback", decisions.len() - rslave);
-                Forwarded {
-                    reply: call.forward(&edited).await,
-                    decision: Some(annotation(&decisions)),
-                }
-            }
+            Ok(edited) => self.forward_edited(call, &edited, decisions).await,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot edit CreateContainer; forwarding unchanged");
                 self.count("error", decisions.len());
                 Forwarded::as_it_came(call).await
             }
         }
+    }
+}
+
+impl Propagation {
+    /// Forwards the `edited` request. If containerd refuses it (see [`refusal`]) and dockhand
+    /// asked for rslave, the original goes once instead and its answer is the caller's: a create
+    /// that works without dockhand works with it, whatever the reason containerd had (one the
+    /// rule could not foresee, such as a host mount made private after deciding). The cost is
+    /// one more call, on refusal only.
+    ///
+    /// The original goes with the decision annotation appended, now saying `private(refused:
+    /// <containerd's message>)`, and nothing else changed: annotations are the one part of a
+    /// request a runtime stores without acting on it (CRI: they "SHOULD NOT influence runtime
+    /// behaviour"), and `crictl inspect`, the audit and the lifecycle record then say what
+    /// happened to that container.
+    async fn forward_edited(
+        &self,
+        call: &UnaryCall,
+        edited: &[u8],
+        decisions: Vec<MountDecision>,
+    ) -> Forwarded {
+        let reply = call.forward(edited).await;
+        let rewrote = decisions.iter().any(|d| d.decision == Decision::Rslave);
+        let refused = if rewrote { refusal(&reply) } else { None };
+        let (reply, decisions) = match refused {
+            None => (reply, decisions),
+            Some(status) => {
+                tracing::warn!(
+                    code = ?status.code(), message = %status.message(),
+                    "containerd refused CreateContainer with rslave; sending the original"
+                );
+                let decisions: Vec<MountDecision> = decisions
+                    .into_iter()
+                    .map(|d| MountDecision {
+                        decision: d.decision.refused(status.message()),
+                        ..d
+                    })
+                    .collect();
+                let text = annotation(&decisions);
+                let reply = match wire::apply(&call.message, &[annotate(&text)]) {
+                    Ok(original) => call.forward(&original).await,
+                    // Unreachable: the same bytes took the full edit above.
+                    Err(_) => {
+                        return Forwarded::as_it_came(call).await;
+                    }
+                };
+                (reply, decisions)
+            }
+        };
+        for d in &decisions {
+            self.count(d.decision.result(), 1);
+        }
+        Forwarded {
+            reply,
+            decision: Some(annotation(&decisions)),
+        }
+    }
+}
+
+/// Test hook, only in builds with the `test-hooks` feature (the integration tests'; never
+/// `make install`'s): a shell command run after each decision, before the request is forwarded
+/// (e.g. to make a host mount private between deciding and containerd's own check).
+#[cfg(feature = "test-hooks")]
+pub const AFTER_DECIDE_ENV: &str = "DOCKHAND_PROPAGATION_AFTER_DECIDE";
+
+#[cfg(feature = "test-hooks")]
+fn after_decide_hook() {
+    if let Some(command) = std::env::var_os(AFTER_DECIDE_ENV) {
+        let status = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&command)
+            .status();
+        tracing::warn!(?command, ?status, "ran {AFTER_DECIDE_ENV}");
     }
 }
 

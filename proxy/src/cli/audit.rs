@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 
 use dockhand_protos::cri::{Mount, MountPropagation};
+use dockhand_protos::view;
 use serde::Serialize;
 
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
@@ -109,14 +110,18 @@ pub fn findings_for(
     let mut resolver = Resolver::default();
     mounts
         .iter()
-        .filter_map(|m| {
+        .filter_map(|status_mount| {
+            // Read as the rule reads a CreateContainer's mount.
+            let m = &view::Mount::of(status_mount);
             let (propagation, status) = if rule.matches(m, &mut resolver).is_some() {
                 match decided(&m.container_path) {
                     Some(Recorded::Private { .. }) => (Got::Rprivate, Status::Fallback),
+                    // Private on Docker too, and containerd refuses anything else for it.
+                    _ if m.recursive_read_only => (Got::Rprivate, Status::Fallback),
                     _ => (Got::Rprivate, Status::AtRisk),
                 }
             } else if m.propagation == MountPropagation::PropagationHostToContainer as i32 {
-                let as_private = Mount {
+                let as_private = view::Mount {
                     propagation: MountPropagation::PropagationPrivate as i32,
                     ..m.clone()
                 };
@@ -250,5 +255,25 @@ mod tests {
         let json = serde_json::to_value(&found[2]).unwrap();
         assert_eq!(json["status"], "at-risk");
         assert_eq!(json["propagation"], "rprivate");
+    }
+
+    /// A recursive read-only mount is private on Docker too (and containerd refuses anything
+    /// else): not at risk, with or without dockhand's decision.
+    #[test]
+    fn a_recursive_read_only_mount_is_not_at_risk() {
+        let rule = Rule::new(&Config::default().propagation);
+        let mounts = [Mount {
+            readonly: true,
+            recursive_read_only: true,
+            ..mount("/", "/rootfs", MountPropagation::PropagationPrivate)
+        }];
+        let found = findings_for(&rule, &HashMap::new(), &HashMap::new(), "c1", &mounts);
+        assert_eq!(
+            found
+                .iter()
+                .map(|f| (f.propagation, f.status))
+                .collect::<Vec<_>>(),
+            [(Got::Rprivate, Status::Fallback)]
+        );
     }
 }

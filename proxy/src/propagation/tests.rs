@@ -185,23 +185,26 @@ fn is_within_compares_components() {
 
 #[test]
 fn edits_set_host_to_container_and_annotate() {
-    use dockhand_protos::cri::{ContainerConfig, CreateContainerRequest};
+    use dockhand_protos::cri::{self, ContainerConfig};
     use prost::Message;
-    let request = CreateContainerRequest {
+    let cri_private = |host: &str, container: &str| cri::Mount {
+        host_path: host.into(),
+        container_path: container.into(),
+        ..Default::default()
+    };
+    let request = cri::CreateContainerRequest {
         pod_sandbox_id: "pod".into(),
         config: Some(ContainerConfig {
-            mounts: vec![private("/etc", "/etc"), private("/", "/rootfs")],
+            mounts: vec![cri_private("/etc", "/etc"), cri_private("/", "/rootfs")],
             ..Default::default()
         }),
         sandbox_config: None,
     };
-    let decisions = decide_with(
-        &config(),
-        &request.config.as_ref().unwrap().mounts,
-        SHARED_ROOT,
-    );
-    let edited = wire::apply(&request.encode_to_vec(), &edits(&decisions)).unwrap();
-    let edited = CreateContainerRequest::decode(edited.as_slice()).unwrap();
+    let encoded = request.encode_to_vec();
+    let view = CreateContainerRequest::decode(encoded.as_slice()).unwrap();
+    let decisions = decide_with(&config(), &view.config.unwrap().mounts, SHARED_ROOT);
+    let edited = wire::apply(&encoded, &edits(&decisions)).unwrap();
+    let edited = cri::CreateContainerRequest::decode(edited.as_slice()).unwrap();
     let config = edited.config.unwrap();
     assert_eq!(
         config.mounts[0].propagation,
@@ -284,4 +287,185 @@ fn any_container_path_reads_back_as_itself() {
     assert_eq!(recorded_decision(&text, "/a"), None, "{text}");
     assert_eq!(recorded_decision(&text, "/y"), None, "{text}");
     assert_eq!(recorded_decision("/a=bogus", "/a"), None);
+}
+
+fn recursive_read_only(host: &str, container: &str) -> Mount {
+    Mount {
+        recursive_read_only: true,
+        ..private(host, container)
+    }
+}
+
+/// containerd refuses `recursive read-only mount needs private propagation`: such a mount keeps
+/// PRIVATE, said so, and the mount table is not read for it.
+#[test]
+fn recursive_read_only_mounts_keep_private() {
+    let decisions = decide(
+        &Rule::new(&config()),
+        &[recursive_read_only("/", "/rootfs")],
+        || -> Result<MountTable, String> { panic!("read the mount table for nothing") },
+    );
+    assert_eq!(
+        decisions[0].decision,
+        Decision::KeepPrivate(RECURSIVE_READ_ONLY)
+    );
+    assert_eq!(decisions[0].decision.result(), "recursive_read_only");
+    assert_eq!(
+        annotation(&decisions),
+        "/rootfs=private(recursive read-only)"
+    );
+    // Next to a mount that takes rslave, only that one is edited.
+    let decisions = decide_with(
+        &config(),
+        &[recursive_read_only("/", "/ro"), private("/var", "/var")],
+        SHARED_ROOT,
+    );
+    assert_eq!(
+        decisions
+            .iter()
+            .map(|d| d.decision.clone())
+            .collect::<Vec<_>>(),
+        [Decision::KeepPrivate(RECURSIVE_READ_ONLY), Decision::Rslave]
+    );
+    assert_eq!(
+        edits(&decisions).len(),
+        2,
+        "one propagation, one annotation"
+    );
+}
+
+/// Fields that do not change what the host's mount table allows leave the decision as it was.
+#[test]
+fn readonly_relabel_and_id_mappings_do_not_change_the_decision() {
+    use dockhand_protos::cri::{self, IdMapping};
+    let mapping = IdMapping {
+        host_id: 100000,
+        container_id: 0,
+        length: 65536,
+    };
+    let private = |host: &str, container: &str| cri::Mount {
+        host_path: host.into(),
+        container_path: container.into(),
+        ..Default::default()
+    };
+    // As kubelet encodes them, read as dockhand reads a CreateContainer.
+    let mounts = [
+        cri::Mount {
+            readonly: true,
+            ..private("/", "/ro")
+        },
+        cri::Mount {
+            selinux_relabel: true,
+            ..private("/var", "/relabel")
+        },
+        cri::Mount {
+            uid_mappings: vec![mapping],
+            gid_mappings: vec![mapping],
+            ..private("/var/lib", "/idmapped")
+        },
+    ]
+    .map(|m| Mount::of(&m));
+    let decisions = decide_with(&config(), &mounts, SHARED_ROOT);
+    assert_eq!(decisions.len(), 3);
+    assert!(decisions.iter().all(|d| d.decision == Decision::Rslave));
+}
+
+/// An image volume (cri-api `Mount.image`) is mounted by containerd from a snapshot, not bound
+/// from its host path: left alone, even with a host path the rule would cover.
+#[test]
+fn image_volumes_are_left_alone() {
+    use dockhand_protos::view::ImageSpec;
+    let mounts = [
+        Mount {
+            image: Some(ImageSpec {
+                image: "registry/data:1".into(),
+            }),
+            host_path: String::new(),
+            ..private("/", "/image")
+        },
+        Mount {
+            image: Some(ImageSpec::default()),
+            ..private("/", "/both")
+        },
+    ];
+    assert!(decide_with(&config(), &mounts, SHARED_ROOT).is_empty());
+}
+
+/// A propagation among a mount's `mount_options` (cri-api v0.37 field 11) is the pod's choice;
+/// other options change nothing.
+#[test]
+fn a_propagation_in_mount_options_is_left_alone() {
+    let with = |options: &[&str], container: &str| Mount {
+        mount_options: options.iter().map(|o| o.to_string()).collect(),
+        ..private("/", container)
+    };
+    let mounts = [
+        with(&["rslave"], "/a"),
+        with(&["nodev", "private"], "/b"),
+        with(&["rshared"], "/c"),
+        with(&["noexec", "nosuid"], "/d"),
+    ];
+    let decisions = decide_with(&config(), &mounts, SHARED_ROOT);
+    assert_eq!(
+        decisions
+            .iter()
+            .map(|d| (d.container_path.as_str(), d.decision.clone()))
+            .collect::<Vec<_>>(),
+        [("/d", Decision::Rslave)]
+    );
+}
+
+#[test]
+fn a_refusal_is_kept_short_on_one_line_and_without_the_separator() {
+    assert_eq!(
+        refusal_text("not a shared, or slave\nmount"),
+        "not a shared; or slave mount"
+    );
+    // The end is kept: Go puts the cause last.
+    let long = format!("{}{}", "a".repeat(50), "é".repeat(100));
+    assert_eq!(refusal_text(&long), format!("...{}", "é".repeat(100)));
+    let exact = "é".repeat(100);
+    assert_eq!(refusal_text(&exact), exact);
+    let decisions = [MountDecision {
+        index: 0,
+        container_path: "/rootfs".into(),
+        source: "/".into(),
+        decision: Decision::Rslave.refused("no, thanks"),
+    }];
+    let text = annotation(&decisions);
+    assert_eq!(text, "/rootfs=private(refused: no; thanks)");
+    assert_eq!(
+        recorded_decision(&text, "/rootfs"),
+        Some(Recorded::Private {
+            reason: "refused: no; thanks".into()
+        })
+    );
+    // A decision that kept private stays what it was.
+    assert_eq!(
+        Decision::KeepPrivate(RECURSIVE_READ_ONLY).refused("x"),
+        Decision::KeepPrivate(RECURSIVE_READ_ONLY)
+    );
+}
+
+#[test]
+fn only_a_finished_refusal_is_one() {
+    use crate::grpc::Reply;
+    use tonic::{Code, Status};
+    for code in [
+        Code::Unknown,
+        Code::InvalidArgument,
+        Code::NotFound,
+        Code::AlreadyExists,
+        Code::FailedPrecondition,
+        Code::Internal,
+    ] {
+        let refused = refusal(&Reply::error(Status::new(code, "no")));
+        assert_eq!(refused.map(|s| s.code()), Some(code));
+    }
+    for code in [Code::Cancelled, Code::DeadlineExceeded, Code::Unavailable] {
+        assert!(refusal(&Reply::error(Status::new(code, "maybe running"))).is_none());
+    }
+    assert!(refusal(&Reply::reset(h2::Reason::CANCEL)).is_none());
+    assert!(refusal(&Reply::reset(h2::Reason::INTERNAL_ERROR)).is_none());
+    assert!(refusal(&Reply::ok(b"")).is_none());
 }
