@@ -269,6 +269,35 @@ impl Cri {
         Ok(self.runtime().exec_sync(request).await?.into_inner())
     }
 
+    /// `sh -c script` in the container (20 s); its stdout, or an error with its stderr when it
+    /// exits non-zero.
+    pub async fn sh(&self, id: &str, script: &str) -> Result<String> {
+        let out = self.exec_sync(id, &["sh", "-c", script], 20).await?;
+        anyhow::ensure!(
+            out.exit_code == 0,
+            "`{script}` exited {}: {}",
+            out.exit_code,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The optional fields (`shared:N`, `master:N`) of `mount_point`'s line in the container's
+    /// `/proc/self/mountinfo`: empty for a private mount.
+    pub async fn propagation_fields(&self, id: &str, mount_point: &str) -> Result<String> {
+        let table = self.sh(id, "cat /proc/self/mountinfo").await?;
+        let line = table
+            .lines()
+            .find(|l| l.split(' ').nth(4) == Some(mount_point))
+            .with_context(|| format!("no {mount_point} in the container's mountinfo:\n{table}"))?;
+        let fields: Vec<&str> = line.split(' ').collect();
+        let dash = fields
+            .iter()
+            .position(|f| *f == "-")
+            .context("no separator")?;
+        Ok(fields[6..dash].join(" "))
+    }
+
     /// Polls `ContainerStatus` until the container has exited; returns its final status.
     pub async fn wait_exited(&self, id: &str, timeout: Duration) -> Result<cri::ContainerStatus> {
         let deadline = Instant::now() + timeout;

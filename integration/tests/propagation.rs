@@ -34,35 +34,9 @@ async fn run_with_mounts(
     Ok((pod, id))
 }
 
-async fn sh(cri: &Cri, id: &str, script: &str) -> Result<String> {
-    let out = cri.exec_sync(id, &["sh", "-c", script], 20).await?;
-    anyhow::ensure!(
-        out.exit_code == 0,
-        "`{script}` exited {}: {}",
-        out.exit_code,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// The optional fields of the mountinfo line for `mount_point` inside the container.
-async fn mountinfo_fields(cri: &Cri, id: &str, mount_point: &str) -> Result<String> {
-    let table = sh(cri, id, "cat /proc/self/mountinfo").await?;
-    let line = table
-        .lines()
-        .find(|l| l.split(' ').nth(4) == Some(mount_point))
-        .with_context(|| format!("no {mount_point} in the container's mountinfo:\n{table}"))?;
-    let fields: Vec<&str> = line.split(' ').collect();
-    let dash = fields
-        .iter()
-        .position(|f| *f == "-")
-        .context("no separator")?;
-    Ok(fields[6..dash].join(" "))
-}
-
 /// Total size in bytes of the filesystem at `path` inside the container (`stat -f`).
 async fn fs_size(cri: &Cri, id: &str, path: &str) -> Result<u64> {
-    let out = sh(cri, id, &format!("stat -f -c '%b %S' {path}")).await?;
+    let out = cri.sh(id, &format!("stat -f -c '%b %S' {path}")).await?;
     let mut parts = out.split_whitespace().map(|p| p.parse::<u64>());
     let blocks = parts.next().context("blocks")??;
     let size = parts.next().context("block size")??;
@@ -149,13 +123,15 @@ async fn rootfs_sees_later_host_mounts(network: Network) -> Result<()> {
         "directly, containerd's rprivate hides the volume"
     );
     assert!(
-        mountinfo_fields(&via_proxy, &proxied, "/rootfs")
+        via_proxy
+            .propagation_fields(&proxied, "/rootfs")
             .await?
             .contains("master:"),
         "/rootfs is a slave mount through dockhand"
     );
     assert!(
-        !mountinfo_fields(&direct, &plain, "/rootfs")
+        !direct
+            .propagation_fields(&plain, "/rootfs")
             .await?
             .contains("master:"),
         "/rootfs is private directly"
@@ -251,7 +227,8 @@ async fn private_host_root_falls_back_instead_of_failing() -> Result<()> {
         .context("status")?
         .state;
     assert_eq!(state, cri::ContainerState::ContainerRunning as i32);
-    assert!(!mountinfo_fields(&via_proxy, &id, "/rootfs")
+    assert!(!via_proxy
+        .propagation_fields(&id, "/rootfs")
         .await?
         .contains("master:"));
     assert_eq!(
@@ -312,21 +289,24 @@ async fn rule_boundaries_opt_out_and_explicit_modes() -> Result<()> {
         decision(&cri, &id).await?.as_deref(),
         Some("/linked=rslave, /extra=rslave, /var-ancestor=rslave")
     );
-    assert!(!mountinfo_fields(&cri, &id, "/doc")
+    assert!(!cri
+        .propagation_fields(&id, "/doc")
         .await?
         .contains("master:"));
-    assert!(!mountinfo_fields(&cri, &id, "/elsewhere")
+    assert!(!cri
+        .propagation_fields(&id, "/elsewhere")
         .await?
         .contains("master:"));
     for slave in ["/linked", "/extra", "/var-ancestor", "/explicit-slave"] {
         assert!(
-            mountinfo_fields(&cri, &id, slave)
+            cri.propagation_fields(&id, slave)
                 .await?
                 .contains("master:"),
             "{slave}"
         );
     }
-    assert!(mountinfo_fields(&cri, &id, "/explicit-shared")
+    assert!(cri
+        .propagation_fields(&id, "/explicit-shared")
         .await?
         .contains("shared:"));
 
@@ -338,7 +318,8 @@ async fn rule_boundaries_opt_out_and_explicit_modes() -> Result<()> {
     let (_, kept) =
         run_with_mounts(&cri, opted, "c", vec![host_mount("/", "/rootfs", private)]).await?;
     assert_eq!(decision(&cri, &kept).await?, None);
-    assert!(!mountinfo_fields(&cri, &kept, "/rootfs")
+    assert!(!cri
+        .propagation_fields(&kept, "/rootfs")
         .await?
         .contains("master:"));
     Ok(())
@@ -361,7 +342,8 @@ async fn dry_run_changes_nothing_but_says_what_it_would_do() -> Result<()> {
     )
     .await?;
     assert_eq!(decision(&cri, &id).await?, None);
-    assert!(!mountinfo_fields(&cri, &id, "/rootfs")
+    assert!(!cri
+        .propagation_fields(&id, "/rootfs")
         .await?
         .contains("master:"));
     let log = proxy.log();

@@ -56,30 +56,6 @@ fn rewrites(port: u16, result: &str) -> Result<u64> {
         .map_or(Ok(0), str::parse)?)
 }
 
-async fn sh(cri: &Cri, id: &str, script: &str) -> Result<String> {
-    let out = cri.exec_sync(id, &["sh", "-c", script], 20).await?;
-    anyhow::ensure!(
-        out.exit_code == 0,
-        "`{script}` exited {}: {}",
-        out.exit_code,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// The optional fields (`shared:N`, `master:N`) of `mount_point`'s mountinfo line in the
-/// container: empty for a private mount.
-async fn propagation_fields(cri: &Cri, id: &str, mount_point: &str) -> Result<String> {
-    let table = sh(cri, id, "cat /proc/self/mountinfo").await?;
-    let line = table
-        .lines()
-        .find(|l| l.split(' ').nth(4) == Some(mount_point))
-        .with_context(|| format!("no {mount_point} in the container's mountinfo:\n{table}"))?;
-    let fields: Vec<&str> = line.split(' ').collect();
-    let dash = fields.iter().position(|f| *f == "-").context("separator")?;
-    Ok(fields[6..dash].join(" "))
-}
-
 async fn decision(cri: &Cri, id: &str) -> Result<Option<String>> {
     let status = cri
         .container_status(id, false)
@@ -168,7 +144,7 @@ async fn a_recursive_read_only_root_mount_runs_both_ways() -> Result<()> {
         let id = cri.run_container(&pod, &spec).await?;
         assert!(running(cri, &id).await?);
         assert_eq!(
-            propagation_fields(cri, &id, "/rootfs").await?,
+            cri.propagation_fields(&id, "/rootfs").await?,
             "",
             "/rootfs is private"
         );
@@ -224,7 +200,7 @@ async fn a_create_refused_only_when_rewritten_runs_through_dockhand() -> Result<
     let pod = via_proxy.run_pod(&PodSpec::new("refused")).await?;
     let id = via_proxy.run_container(&pod, &spec).await?;
     assert!(running(&via_proxy, &id).await?);
-    assert_eq!(propagation_fields(&via_proxy, &id, "/volume").await?, "");
+    assert_eq!(via_proxy.propagation_fields(&id, "/volume").await?, "");
     let annotated = decision(&via_proxy, &id).await?.unwrap_or_default();
     assert!(
         annotated.starts_with("/volume=private(refused: ")
@@ -243,7 +219,7 @@ async fn a_create_refused_only_when_rewritten_runs_through_dockhand() -> Result<
     let pod = direct.run_pod(&PodSpec::new("refused-direct")).await?;
     let plain = direct.run_container(&pod, &spec).await?;
     assert!(running(&direct, &plain).await?);
-    assert_eq!(propagation_fields(&direct, &plain, "/volume").await?, "");
+    assert_eq!(direct.propagation_fields(&plain, "/volume").await?, "");
     let _ = node.ns_command("umount").arg(&volume).status();
     Ok(())
 }
@@ -272,12 +248,13 @@ async fn a_non_utf8_env_value_still_gets_rslave() -> Result<()> {
         ids.push(id);
     }
     assert!(
-        propagation_fields(&via_proxy, &ids[0], "/rootfs")
+        via_proxy
+            .propagation_fields(&ids[0], "/rootfs")
             .await?
             .contains("master:"),
         "rslave through dockhand"
     );
-    assert_eq!(propagation_fields(&direct, &ids[1], "/rootfs").await?, "");
+    assert_eq!(direct.propagation_fields(&ids[1], "/rootfs").await?, "");
     assert_eq!(
         decision(&via_proxy, &ids[0]).await?.as_deref(),
         Some("/rootfs=rslave")
@@ -313,11 +290,12 @@ async fn mounts_with_mount_options() -> Result<()> {
         assert!(running(cri, &id).await?);
         ids.push(id);
     }
-    assert!(propagation_fields(&via_proxy, &ids[0], "/rootfs")
+    assert!(via_proxy
+        .propagation_fields(&ids[0], "/rootfs")
         .await?
         .contains("master:"));
     assert_eq!(
-        propagation_fields(&via_proxy, &ids[0], "/explicit").await?,
+        via_proxy.propagation_fields(&ids[0], "/explicit").await?,
         ""
     );
     assert_eq!(
