@@ -97,6 +97,29 @@ async fn create_raw(cri: &Cri, request: Vec<u8>) -> Result<String, tonic::Status
         .map_err(|e| tonic::Status::internal(e.to_string()))
 }
 
+/// Through dockhand and directly, in a pod each (`<name>-a`, `<name>-b`): the CreateContainer
+/// kubelet would send for `spec`, changed by `edit`, created and started; the two ids.
+async fn run_edited_both_ways(
+    via_proxy: &Cri,
+    direct: &Cri,
+    name: &str,
+    spec: &ContainerSpec,
+    edit: impl Fn(Vec<u8>) -> Vec<u8>,
+) -> Result<Vec<String>> {
+    let mut ids = Vec::new();
+    for (cri, side) in [(via_proxy, "a"), (direct, "b")] {
+        let pod = cri
+            .run_pod(&PodSpec::new(&format!("{name}-{side}")))
+            .await?;
+        let request = encoded_create(cri, &pod, spec, &edit).await?;
+        let id = create_raw(cri, request).await?;
+        cri.start_container(&id).await?;
+        assert!(running(cri, &id).await?);
+        ids.push(id);
+    }
+    Ok(ids)
+}
+
 /// The env value `placeholder`, made invalid UTF-8 in place (what cri-api v0.37 allows).
 const PLACEHOLDER: &[u8] = b"placeholder";
 
@@ -238,15 +261,7 @@ async fn a_non_utf8_env_value_still_gets_rslave() -> Result<()> {
         "FROM_A_BINARY_SECRET".into(),
         String::from_utf8(PLACEHOLDER.to_vec())?,
     )];
-    let mut ids = Vec::new();
-    for (cri, pod) in [(&via_proxy, "env-a"), (&direct, "env-b")] {
-        let pod = cri.run_pod(&PodSpec::new(pod)).await?;
-        let request = encoded_create(cri, &pod, &spec, non_utf8_env).await?;
-        let id = create_raw(cri, request).await?;
-        cri.start_container(&id).await?;
-        assert!(running(cri, &id).await?);
-        ids.push(id);
-    }
+    let ids = run_edited_both_ways(&via_proxy, &direct, "env", &spec, non_utf8_env).await?;
     assert!(
         via_proxy
             .propagation_fields(&ids[0], "/rootfs")
@@ -281,15 +296,7 @@ async fn mounts_with_mount_options() -> Result<()> {
             ..root_mount()
         },
     ];
-    let mut ids = Vec::new();
-    for (cri, pod) in [(&via_proxy, "opts-a"), (&direct, "opts-b")] {
-        let pod = cri.run_pod(&PodSpec::new(pod)).await?;
-        let request = encoded_create(cri, &pod, &spec, with_mount_options).await?;
-        let id = create_raw(cri, request).await?;
-        cri.start_container(&id).await?;
-        assert!(running(cri, &id).await?);
-        ids.push(id);
-    }
+    let ids = run_edited_both_ways(&via_proxy, &direct, "opts", &spec, with_mount_options).await?;
     assert!(via_proxy
         .propagation_fields(&ids[0], "/rootfs")
         .await?
