@@ -129,7 +129,7 @@ test-kubelet: build kubelet $(addprefix containerd-,$(KUBELET_VERSIONS))
 
 # The VM lane: a Debian 12 guest under qemu (systemd, cgroup v2), dockhand installed as an operator would (vm/README.md).
 VM_PACKAGES := qemu-system-x86 debootstrap e2fsprogs
-test-vm: build tools
+test-vm: build tools containerd-2.4
 	@if dpkg -s $(VM_PACKAGES) >/dev/null 2>&1; then echo "test-vm: packages present"; else \
 		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(VM_PACKAGES); fi
 	bash vm/run.sh

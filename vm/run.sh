@@ -4,7 +4,7 @@
 #  2. installs dockhand as an operator would, into a staging root: `make install DESTDIR=…`, and
 #     checks that it wrote exactly the files the README lists
 #  3. puts those files, crictl, the test images, containerd's config and the test driver on a
-#     payload disk
+#     payload disk, with containerd 2.4, runc 1.5.3 and their config for the guest's second round
 #  4. boots the guest under qemu (software emulation: KVM hangs on these machines) with a hard
 #     timeout; the guest runs vm/guest/test.sh and reports on its second serial port
 #  5. prints the guest's PASS/FAIL lines and `N passed, N failed`; exits 1 if anything failed, if
@@ -29,6 +29,12 @@ qemu-system-x86_64 -accel help 2>/dev/null | grep -qx tcg \
     || die "this qemu-system-x86_64 has no TCG accelerator: the VM lane cannot run here"
 crictl=$repo/target/tools/bin/crictl
 [ -x "$crictl" ] || die "$crictl missing (make tools)"
+# The guest's second round: containerd 2.4 and runc 1.5.3 as the integration tests run them.
+containerd24=$repo/target/containerd/2.4/bin
+runc153=$repo/target/runc/1.5.3/runc
+for f in "$containerd24"/{containerd,ctr,containerd-shim-runc-v2} "$runc153"; do
+    [ -x "$f" ] || die "$f missing (make containerd-2.4)"
+done
 
 # The checks the guest script defines: its CHECKS block, one name a line.
 mapfile -t checks < <(sed -n '/^# CHECKS BEGIN$/,/^# CHECKS END$/s/^#   //p' "$repo/vm/guest/test.sh")
@@ -79,7 +85,10 @@ note "guest image ready after $((SECONDS - started)) s: $image"
 cp "$crictl" "$payload/bin/crictl"
 (cd "$repo" && cargo run -q -p dockhand-integration --bin vm-fixtures -- "$payload/images.tar") \
     || die "cannot build the test images"
-cp "$repo/vm/guest/test.sh" "$repo/vm/guest/containerd-config.toml" "$payload/"
+cp "$repo/vm/guest/test.sh" "$repo/vm/guest/containerd-config.toml" "$repo/vm/guest/containerd-2.4-config.toml" "$payload/"
+mkdir -p "$payload/containerd-2.4" "$payload/runc-1.5.3"
+cp "$containerd24"/{containerd,ctr,containerd-shim-runc-v2} "$payload/containerd-2.4/"
+cp "$runc153" "$payload/runc-1.5.3/"
 size_mb=$(( $(du -sm "$payload" | cut -f1) + 64 ))
 mkfs.ext4 -q -F -L payload -d "$payload" "$run/payload.img" "${size_mb}M" >/dev/null
 note "payload ready after $((SECONDS - started)) s"

@@ -102,6 +102,61 @@ set -uo pipefail
 #   stop: unit is inactive
 #   stop: clean result, main process exited with 0
 #   stop: dockhand logged its stop
+#   2.4: containerd behind dockhand is 2.4.2
+#   2.4: runc 1.5.3 runs here, with seccomp
+#   2.4: besteffort: pod and container start
+#   2.4: burstable: pod and container start
+#   2.4: guaranteed: pod and container start
+#   2.4: besteffort: shim wrote a started record
+#   2.4: besteffort: record's placement is cgroup v2
+#   2.4: besteffort: record's directory is the kubelet-style scope
+#   2.4: besteffort: record says the systemd driver
+#   2.4: besteffort: record's QoS class
+#   2.4: besteffort: record's pid is the container's init
+#   2.4: besteffort: record's own check matches
+#   2.4: besteffort: /proc/<pid>/cgroup is the record's directory
+#   2.4: besteffort: the scope's cgroup.procs holds the pid
+#   2.4: besteffort: verbose ContainerStatus through dockhand carries the record
+#   2.4: besteffort: memory.max is unlimited
+#   2.4: burstable: shim wrote a started record
+#   2.4: burstable: record's placement is cgroup v2
+#   2.4: burstable: record's directory is the kubelet-style scope
+#   2.4: burstable: record says the systemd driver
+#   2.4: burstable: record's QoS class
+#   2.4: burstable: record's pid is the container's init
+#   2.4: burstable: record's own check matches
+#   2.4: burstable: /proc/<pid>/cgroup is the record's directory
+#   2.4: burstable: the scope's cgroup.procs holds the pid
+#   2.4: burstable: verbose ContainerStatus through dockhand carries the record
+#   2.4: burstable: memory.max is the container's limit
+#   2.4: guaranteed: shim wrote a started record
+#   2.4: guaranteed: record's placement is cgroup v2
+#   2.4: guaranteed: record's directory is the kubelet-style scope
+#   2.4: guaranteed: record says the systemd driver
+#   2.4: guaranteed: record's QoS class
+#   2.4: guaranteed: record's pid is the container's init
+#   2.4: guaranteed: record's own check matches
+#   2.4: guaranteed: /proc/<pid>/cgroup is the record's directory
+#   2.4: guaranteed: the scope's cgroup.procs holds the pid
+#   2.4: guaranteed: verbose ContainerStatus through dockhand carries the record
+#   2.4: guaranteed: memory.max is the container's limit
+#   2.4: guaranteed: cpu.max is the container's quota
+#   2.4: cgroups: dockhand cgroups --usage --json runs
+#   2.4: besteffort: dockhand cgroups lists it from the shim's record
+#   2.4: besteffort: dockhand cgroups shows the scope
+#   2.4: besteffort: --usage shows v2 memory
+#   2.4: besteffort: --usage shows v2 pids
+#   2.4: besteffort: the --usage table shows shim, the scope, memory and pids
+#   2.4: burstable: dockhand cgroups lists it from the shim's record
+#   2.4: burstable: dockhand cgroups shows the scope
+#   2.4: burstable: --usage shows v2 memory
+#   2.4: burstable: --usage shows v2 pids
+#   2.4: burstable: the --usage table shows shim, the scope, memory and pids
+#   2.4: guaranteed: dockhand cgroups lists it from the shim's record
+#   2.4: guaranteed: dockhand cgroups shows the scope
+#   2.4: guaranteed: --usage shows v2 memory
+#   2.4: guaranteed: --usage shows v2 pids
+#   2.4: guaranteed: the --usage table shows shim, the scope, memory and pids
 # CHECKS END
 
 payload=${1:?usage: test.sh PAYLOAD_DIR}
@@ -247,89 +302,98 @@ run_pod() {
 }
 
 sleeper='["sh", "-c", "sleep 3600"]'
-declare -A want_dir want_qos ids
-for qos in besteffort burstable guaranteed; do
-    uid=$(cat /proc/sys/kernel/random/uuid)
-    slice_uid=${uid//-/_}
-    case $qos in
-        besteffort)
-            parent=kubepods-besteffort-pod$slice_uid.slice
-            dir=/sys/fs/cgroup/kubepods.slice/kubepods-besteffort.slice/$parent
-            resources='{}' ;;
-        burstable)
-            parent=kubepods-burstable-pod$slice_uid.slice
-            dir=/sys/fs/cgroup/kubepods.slice/kubepods-burstable.slice/$parent
-            resources='{"cpu_shares": 102, "memory_limit_in_bytes": 134217728}' ;;
-        guaranteed)
-            parent=kubepods-pod$slice_uid.slice
-            dir=/sys/fs/cgroup/kubepods.slice/$parent
-            resources='{"cpu_shares": 512, "cpu_period": 100000, "cpu_quota": 50000, "memory_limit_in_bytes": 67108864}' ;;
-    esac
-    if ! id=$(run_pod "$qos-pod" "$uid" "$parent" app "$sleeper" "$resources" 2>"$tmp/err"); then
-        fail "$qos: pod and container start" "$(tail -n 3 "$tmp/err" | tr '\n' ' ')"
-        continue
-    fi
-    pass "$qos: pod and container start"
-    ids[$qos]=$id
-    want_dir[$qos]=$dir/cri-containerd-$id.scope
-    want_qos[$qos]=$qos
-done
+declare -A want_dir ids
+# qos_checks PREFIX: a pod of each QoS class under kubelet's systemd slices, then the shim's record,
+# the scope, the limits, `crictl inspect` and `dockhand cgroups` for each; check names start with
+# PREFIX (empty on containerd 1.7, "2.4: " on the second round). Sets ids[QOS] to the containers.
+qos_checks() {
+    local p=$1 qos uid slice_uid parent dir resources id want record inspect pid cgroups_json table
+    local entry mem pids row
+    ids=()
+    want_dir=()
+    for qos in besteffort burstable guaranteed; do
+        uid=$(cat /proc/sys/kernel/random/uuid)
+        slice_uid=${uid//-/_}
+        case $qos in
+            besteffort)
+                parent=kubepods-besteffort-pod$slice_uid.slice
+                dir=/sys/fs/cgroup/kubepods.slice/kubepods-besteffort.slice/$parent
+                resources='{}' ;;
+            burstable)
+                parent=kubepods-burstable-pod$slice_uid.slice
+                dir=/sys/fs/cgroup/kubepods.slice/kubepods-burstable.slice/$parent
+                resources='{"cpu_shares": 102, "memory_limit_in_bytes": 134217728}' ;;
+            guaranteed)
+                parent=kubepods-pod$slice_uid.slice
+                dir=/sys/fs/cgroup/kubepods.slice/$parent
+                resources='{"cpu_shares": 512, "cpu_period": 100000, "cpu_quota": 50000, "memory_limit_in_bytes": 67108864}' ;;
+        esac
+        if ! id=$(run_pod "$qos-pod" "$uid" "$parent" app "$sleeper" "$resources" 2>"$tmp/err"); then
+            fail "$p$qos: pod and container start" "$(tail -n 3 "$tmp/err" | tr '\n' ' ')"
+            continue
+        fi
+        pass "$p$qos: pod and container start"
+        ids[$qos]=$id
+        want_dir[$qos]=$dir/cri-containerd-$id.scope
+    done
 
-for qos in "${!ids[@]}"; do
-    id=${ids[$qos]}
-    want=${want_dir[$qos]}
-    record=$records/$id.json
-    if ! wait_for 20 jq -e '.state == "started"' "$record"; then
-        fail "$qos: shim wrote a started record" "$(cat "$record" 2>&1 | head -c 300)"
-        continue
-    fi
-    pass "$qos: shim wrote a started record"
-    inspect=$(cri inspect -o json "$id")
-    pid=$(jq -r '.info.pid' <<<"$inspect")
-    expect "$qos: record's placement is cgroup v2" "$(jq -r '.placement.version' "$record")" v2
-    expect "$qos: record's directory is the kubelet-style scope" "$(jq -r '.placement.path' "$record")" "$want"
-    expect "$qos: record says the systemd driver" "$(jq -r '.driver' "$record")" systemd
-    expect "$qos: record's QoS class" "$(jq -r '.qosClass' "$record")" "$qos"
-    expect "$qos: record's pid is the container's init" "$(jq -r '.pid' "$record")" "$pid"
-    expect "$qos: record's own check matches" "$(jq -r '.check.matches' "$record")" true
-    expect "$qos: /proc/<pid>/cgroup is the record's directory" "$(cat "/proc/$pid/cgroup")" "0::${want#/sys/fs/cgroup}"
-    expect_match "$qos: the scope's cgroup.procs holds the pid" "$(tr '\n' ' ' <"$want/cgroup.procs")" "(^| )$pid( |$)"
-    expect "$qos: verbose ContainerStatus through dockhand carries the record" \
-        "$(jq -c '.["dockhand.cgroup"] | {path: .placement.path, driver, qosClass, pid}' <<<"$inspect")" \
-        "$(jq -c '{path: .placement.path, driver, qosClass, pid}' "$record")"
-    case $qos in
-        guaranteed) expect "$qos: memory.max is the container's limit" "$(cat "$want/memory.max")" 67108864
-                    expect "$qos: cpu.max is the container's quota" "$(cat "$want/cpu.max")" "50000 100000" ;;
-        burstable) expect "$qos: memory.max is the container's limit" "$(cat "$want/memory.max")" 134217728 ;;
-        besteffort) expect "$qos: memory.max is unlimited" "$(cat "$want/memory.max")" max ;;
-    esac
-done
+    for qos in "${!ids[@]}"; do
+        id=${ids[$qos]}
+        want=${want_dir[$qos]}
+        record=$records/$id.json
+        if ! wait_for 20 jq -e '.state == "started"' "$record"; then
+            fail "$p$qos: shim wrote a started record" "$(cat "$record" 2>&1 | head -c 300)"
+            continue
+        fi
+        pass "$p$qos: shim wrote a started record"
+        inspect=$(cri inspect -o json "$id")
+        pid=$(jq -r '.info.pid' <<<"$inspect")
+        expect "$p$qos: record's placement is cgroup v2" "$(jq -r '.placement.version' "$record")" v2
+        expect "$p$qos: record's directory is the kubelet-style scope" "$(jq -r '.placement.path' "$record")" "$want"
+        expect "$p$qos: record says the systemd driver" "$(jq -r '.driver' "$record")" systemd
+        expect "$p$qos: record's QoS class" "$(jq -r '.qosClass' "$record")" "$qos"
+        expect "$p$qos: record's pid is the container's init" "$(jq -r '.pid' "$record")" "$pid"
+        expect "$p$qos: record's own check matches" "$(jq -r '.check.matches' "$record")" true
+        expect "$p$qos: /proc/<pid>/cgroup is the record's directory" "$(cat "/proc/$pid/cgroup")" "0::${want#/sys/fs/cgroup}"
+        expect_match "$p$qos: the scope's cgroup.procs holds the pid" "$(tr '\n' ' ' <"$want/cgroup.procs")" "(^| )$pid( |$)"
+        expect "$p$qos: verbose ContainerStatus through dockhand carries the record" \
+            "$(jq -c '.["dockhand.cgroup"] | {path: .placement.path, driver, qosClass, pid}' <<<"$inspect")" \
+            "$(jq -c '{path: .placement.path, driver, qosClass, pid}' "$record")"
+        case $qos in
+            guaranteed) expect "$p$qos: memory.max is the container's limit" "$(cat "$want/memory.max")" 67108864
+                        expect "$p$qos: cpu.max is the container's quota" "$(cat "$want/cpu.max")" "50000 100000" ;;
+            burstable) expect "$p$qos: memory.max is the container's limit" "$(cat "$want/memory.max")" 134217728 ;;
+            besteffort) expect "$p$qos: memory.max is unlimited" "$(cat "$want/memory.max")" max ;;
+        esac
+    done
 
-# dockhand cgroups --usage: v2 memory and pids, from the scope's own files.
-if cgroups_json=$(dockhand cgroups --socket "$socket" --usage --json 2>"$tmp/err"); then
-    pass "cgroups: dockhand cgroups --usage --json runs"
+    # dockhand cgroups --usage: v2 memory and pids, from the scope's own files.
+    if ! cgroups_json=$(dockhand cgroups --socket "$socket" --usage --json 2>"$tmp/err"); then
+        fail "${p}cgroups: dockhand cgroups --usage --json runs" "$(tail -n 3 "$tmp/err" | tr '\n' ' ')"
+        return
+    fi
+    pass "${p}cgroups: dockhand cgroups --usage --json runs"
     table=$(dockhand cgroups --socket "$socket" --usage)
     for qos in "${!ids[@]}"; do
         id=${ids[$qos]}
         entry=$(jq -c --arg id "$id" '.[] | select(.containerId == $id)' <<<"$cgroups_json")
-        expect "$qos: dockhand cgroups lists it from the shim's record" "$(jq -r '.record.source' <<<"$entry")" shim
-        expect "$qos: dockhand cgroups shows the scope" "$(jq -r '.record.placement.path' <<<"$entry")" "${want_dir[$qos]}"
+        expect "$p$qos: dockhand cgroups lists it from the shim's record" "$(jq -r '.record.source' <<<"$entry")" shim
+        expect "$p$qos: dockhand cgroups shows the scope" "$(jq -r '.record.placement.path' <<<"$entry")" "${want_dir[$qos]}"
         mem=$(jq -r '.usage.memoryBytes' <<<"$entry")
         pids=$(jq -r '.usage.pids' <<<"$entry")
         if [[ $mem =~ ^[0-9]+$ ]] && [ "$mem" -gt 0 ]; then
-            pass "$qos: --usage shows v2 memory"
+            pass "$p$qos: --usage shows v2 memory"
         else
-            fail "$qos: --usage shows v2 memory" "memoryBytes is '$mem'"
+            fail "$p$qos: --usage shows v2 memory" "memoryBytes is '$mem'"
         fi
         # `sh -c 'sleep 3600'`: sh and sleep, or sleep alone where sh execs it.
-        expect_match "$qos: --usage shows v2 pids" "$pids" '^[12]$'
+        expect_match "$p$qos: --usage shows v2 pids" "$pids" '^[12]$'
         row=$(grep " ${id:0:13} " <<<"$table")
-        expect_match "$qos: the --usage table shows shim, the scope, memory and pids" "$row" \
+        expect_match "$p$qos: the --usage table shows shim, the scope, memory and pids" "$row" \
             " running +shim +/sys/fs/cgroup/kubepods\\.slice/.*/cri-containerd-$id\\.scope +[1-9][0-9]* +[12]\$"
     done
-else
-    fail "cgroups: dockhand cgroups --usage --json runs" "$(tail -n 3 "$tmp/err" | tr '\n' ' ')"
-fi
+}
+qos_checks ""
 
 # --- the log archive: kubelet's removal, then dockhand logs -------------------------------------
 uid=$(cat /proc/sys/kernel/random/uuid)
@@ -410,5 +474,33 @@ expect "stop: clean result, main process exited with 0" \
     "$(systemctl show -p Result -p ExecMainCode -p ExecMainStatus dockhand.service | sort | tr '\n' ' ')" \
     "ExecMainCode=1 ExecMainStatus=0 Result=success "
 expect_match "stop: dockhand logged its stop" "$(journalctl -u dockhand.service --no-pager -q -o cat | tail -n 5)" 'dockhand proxy stopped'
+
+# --- the same node on containerd 2.4 with runc 1.5.3 --------------------------------------------
+# The pods removed through dockhand, then containerd.service switched to the 2.4 binaries the host
+# built (a drop-in for ExecStart, the stock 2.4 shim first in PATH as dockhand's shim's delegate,
+# the README's version = 3 config with runc 1.5.3 as BinaryName) and the placement checks rerun.
+lab=/usr/local/lib/dockhand-lab
+setup "start dockhand again" systemctl start dockhand.service
+setup "dockhand answers CRI Version" wait_for 60 cri version
+setup "remove containerd 1.7's pods" cri rmp -fa
+setup "create $lab" mkdir -p "$lab"
+setup "install containerd 2.4 and runc 1.5.3" cp -a "$payload/containerd-2.4" "$payload/runc-1.5.3" "$lab/"
+setup "configure containerd 2.4" install -m 0644 "$payload/containerd-2.4-config.toml" /etc/containerd/config-2.4.toml
+mkdir -p /etc/systemd/system/containerd.service.d
+printf '[Service]\nEnvironment=PATH=%s\nExecStart=\nExecStart=%s --config %s\n' \
+    "$lab/containerd-2.4:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
+    "$lab/containerd-2.4/containerd" /etc/containerd/config-2.4.toml \
+    >/etc/systemd/system/containerd.service.d/dockhand-lab-2.4.conf
+setup "systemctl daemon-reload" systemctl daemon-reload
+setup "restart containerd as 2.4" systemctl restart containerd
+setup "import the test images with 2.4's ctr" "$lab/containerd-2.4/ctr" -n k8s.io images import "$payload/images.tar"
+if ! wait_for 60 cri version; then
+    fail "setup: dockhand answers CRI Version on containerd 2.4" "$(cri version 2>&1 | tail -n 2 | tr '\n' ' ')"
+    finish
+fi
+setup "CRI lists the imported images on 2.4" wait_for 30 has_image docker.io/dockhand/busybox:test
+expect_match "2.4: containerd behind dockhand is 2.4.2" "$(cri version)" 'RuntimeVersion: +v?2\.4\.2'
+expect_match "2.4: runc 1.5.3 runs here, with seccomp" "$("$lab/runc-1.5.3/runc" --version 2>&1)" 'runc version 1\.5\.3.*libseccomp'
+qos_checks "2.4: "
 
 finish
