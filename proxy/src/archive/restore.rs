@@ -238,9 +238,10 @@ impl Restored {
     /// completed) or released, temporary files a crash left, directories whose copy kubelet
     /// deleted, and copies not used for [`RESTORED_TTL`](super::RESTORED_TTL). Then the least
     /// recently used copies go until the total fits `max_bytes`. A copy in use is never
-    /// touched: a busy one not at all (its temporary file is being written), a leased one only
-    /// for its leftovers. Names that are not container ids are left alone. Reads and removes
-    /// files: call it on a blocking thread.
+    /// touched: a busy one not at all (its temporary file is being written; its size still
+    /// counts toward the total and the gauges), a leased one only for its leftovers. Names that
+    /// are not container ids are left alone. Reads and removes files: call it on a blocking
+    /// thread.
     fn bound_to(&self, max_bytes: u64, archived: &HashSet<ContainerId>) -> usize {
         let now = Instant::now();
         let mut slots = self.slots();
@@ -261,9 +262,9 @@ impl Restored {
                 continue;
             };
             let slot = slots.get(&id);
-            if slot.is_some_and(|s| s.busy > 0) {
-                continue;
-            }
+            // A busy copy is only looked at (its size counts), never touched: its temporary
+            // file is being written. A leased one is kept, but for its leftovers.
+            let busy = slot.is_some_and(|s| s.busy > 0);
             let leased = slot.is_some_and(|s| s.leased(now));
             let Ok(dir) = nofollow::open_subdir(root_fd.as_fd(), &name) else {
                 continue;
@@ -271,7 +272,7 @@ impl Restored {
             for inner in nofollow::list(dir.as_fd()).unwrap_or_default() {
                 if let Some(inner) = inner
                     .to_str()
-                    .filter(|n| n.starts_with(nofollow::TMP_PREFIX))
+                    .filter(|n| !busy && n.starts_with(nofollow::TMP_PREFIX))
                 {
                     let _ = nofollow::remove_file(dir.as_fd(), inner);
                 }
@@ -282,28 +283,31 @@ impl Restored {
             drop(dir);
             let Some(copy) = copy else {
                 // Nothing left to read (kubelet deleted the copy) or never finished.
-                remove_dir(&self.root, &id);
-                removed += 1;
+                if !busy {
+                    remove_dir(&self.root, &id);
+                    removed += 1;
+                }
                 continue;
             };
             let used = std::time::UNIX_EPOCH
                 + Duration::new(copy.st_mtime as u64, copy.st_mtime_nsec as u32);
             let stale = used.elapsed().is_ok_and(|age| age > super::RESTORED_TTL);
             let unwanted = !archived.contains(&id) || slot.is_some_and(|s| s.release) || stale;
-            if unwanted && !leased {
+            let in_use = busy || leased;
+            if unwanted && !in_use {
                 remove_dir(&self.root, &id);
                 removed += 1;
                 continue;
             }
-            copies.push((used, copy.st_size as u64, id, leased));
+            copies.push((used, copy.st_size as u64, id, in_use));
         }
         let mut total: u64 = copies.iter().map(|(_, size, _, _)| size).sum();
         copies.sort();
-        for (_, size, id, leased) in copies {
+        for (_, size, id, in_use) in copies {
             if total <= max_bytes {
                 break;
             }
-            if leased {
+            if in_use {
                 continue;
             }
             tracing::info!(container_id = %id, bytes = size, "restored copy evicted (archive.restored_max_bytes)");
