@@ -120,6 +120,24 @@ async fn run_edited_both_ways(
     Ok(ids)
 }
 
+/// The `/rootfs` mount of `id` is rslave inside the container, the decision annotation says so
+/// and the proxy counted exactly one rslave rewrite.
+async fn assert_rslave_through_dockhand(via_proxy: &Cri, id: &str, port: u16) -> Result<()> {
+    assert!(
+        via_proxy
+            .propagation_fields(id, "/rootfs")
+            .await?
+            .contains("master:"),
+        "rslave through dockhand"
+    );
+    assert_eq!(
+        decision(via_proxy, id).await?.as_deref(),
+        Some("/rootfs=rslave")
+    );
+    assert_eq!(rewrites(port, "rslave")?, 1);
+    Ok(())
+}
+
 /// The env value `placeholder`, made invalid UTF-8 in place (what cri-api v0.37 allows).
 const PLACEHOLDER: &[u8] = b"placeholder";
 
@@ -262,19 +280,8 @@ async fn a_non_utf8_env_value_still_gets_rslave() -> Result<()> {
         String::from_utf8(PLACEHOLDER.to_vec())?,
     )];
     let ids = run_edited_both_ways(&via_proxy, &direct, "env", &spec, non_utf8_env).await?;
-    assert!(
-        via_proxy
-            .propagation_fields(&ids[0], "/rootfs")
-            .await?
-            .contains("master:"),
-        "rslave through dockhand"
-    );
+    assert_rslave_through_dockhand(&via_proxy, &ids[0], port).await?;
     assert_eq!(direct.propagation_fields(&ids[1], "/rootfs").await?, "");
-    assert_eq!(
-        decision(&via_proxy, &ids[0]).await?.as_deref(),
-        Some("/rootfs=rslave")
-    );
-    assert_eq!(rewrites(port, "rslave")?, 1);
     Ok(())
 }
 
@@ -297,19 +304,11 @@ async fn mounts_with_mount_options() -> Result<()> {
         },
     ];
     let ids = run_edited_both_ways(&via_proxy, &direct, "opts", &spec, with_mount_options).await?;
-    assert!(via_proxy
-        .propagation_fields(&ids[0], "/rootfs")
-        .await?
-        .contains("master:"));
+    assert_rslave_through_dockhand(&via_proxy, &ids[0], port).await?;
     assert_eq!(
         via_proxy.propagation_fields(&ids[0], "/explicit").await?,
         ""
     );
-    assert_eq!(
-        decision(&via_proxy, &ids[0]).await?.as_deref(),
-        Some("/rootfs=rslave")
-    );
-    assert_eq!(rewrites(port, "rslave")?, 1);
     Ok(())
 }
 
